@@ -1,0 +1,210 @@
+"""The contract between the orchestrator and a worker: what one trial computes and returns.
+
+Everything here is a frozen dataclass of plain values. A `TrialSpec` is fully resolved (no
+default left implicit), so `trial_id` (a hash of the fields that change the computation)
+names exactly one computation on every machine. Output paths, resources and the speed
+switches in `RuntimeSpec` are left out of the hash: they change where and how fast a trial
+runs, not what it computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+HEADS = ("prompt-lm", "prompt-cls", "vanilla-cls")
+PRECISIONS = ("fp32", "bf16")
+LM_LOSSES = ("label-words", "full-vocab")
+LABEL_WORD_RULES = ("single-token", "first-subtoken")
+OVERFLOW_RULES = ("error", "truncate-left")
+TASK_KINDS = ("hub", "files", "synthetic")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the weights come from. `source` is a hub id, a local folder, or
+    `pkg:<python package>` (a folder shipped inside an installed package, e.g. a GGUF file)."""
+
+    name: str
+    source: str
+    revision: str | None = None
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A text-classification task as data. `kind` says how `dataset` is read: a hub dataset id
+    (`load_dataset(dataset, config)`), local files (`data_files`, by extension), or a seeded
+    generator in `workers.synthetic` named by `dataset`."""
+
+    name: str
+    kind: str
+    dataset: str
+    template: str
+    label_words: tuple[str, ...]
+    text_field: str = "text"
+    label_field: str = "label"
+    config: str | None = None
+    revision: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    data_files: tuple[tuple[str, str], ...] = ()  # (split, path) pairs for kind == "files"
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.label_words)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    train_size: int = 200
+    valid_size: int = 1000
+    test_size: int = 1000
+    demos_per_class: int = 1
+    # The authors' released code samples `train_size` examples per class, not in total.
+    train_per_class: bool = False
+    # The authors' released code draws indices from [0, len] inclusive (an off-by-one).
+    inclusive_index_draw: bool = False
+    # Token budget of one prompt; None means the model's context length.
+    max_length: int | None = None
+    overflow: str = "error"
+    label_word_rule: str = "single-token"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    optimizer: str = "adamw"
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    batch_size: int = 1
+    epochs: int = 50
+    patience: int = 15
+    precision: str = "fp32"
+    lm_loss: str = "label-words"
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """How a trial runs, not what it computes: kept out of the trial hash, recorded in results."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    last_position_logits: bool = True
+    prefix_cache: bool = True
+    eval_batch_size: int = 0  # 0: chosen from free memory (32 on CPU)
+    fused_adamw: bool = True  # only takes effect on CUDA
+    compile: bool = False
+    checkpoint_dir: str | None = None  # per-epoch checkpoints, to restart a trial mid-way
+    cache_dir: str | None = None  # de-quantised / downloaded models, shared by trials
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    grid: str
+    model: ModelSpec
+    layers: int
+    task: TaskSpec
+    head: str
+    seed: int
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide what is computed (the grid name and runtime are not)."""
+        d = dataclasses.asdict(self)
+        del d["grid"], d["runtime"]
+        return d
+
+    @property
+    def trial_id(self) -> str:
+        canon = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrialSpec:
+        task = dict(d["task"])
+        task["label_words"] = tuple(task["label_words"])
+        task["data_files"] = tuple(tuple(p) for p in task.get("data_files", ()))
+        return cls(
+            grid=d["grid"],
+            model=ModelSpec(**d["model"]),
+            layers=int(d["layers"]),
+            task=TaskSpec(**task),
+            head=d["head"],
+            seed=int(d["seed"]),
+            data=DataSpec(**d.get("data", {})),
+            train=TrainSpec(**d.get("train", {})),
+            runtime=RuntimeSpec(**d.get("runtime", {})),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> TrialSpec:
+        return cls.from_dict(json.loads(text))
+
+    def axes(self) -> dict[str, Any]:
+        """The grid axes of this trial, as flat columns."""
+        return {
+            "trial_id": self.trial_id,
+            "grid": self.grid,
+            "model": self.model.name,
+            "layers": self.layers,
+            "task": self.task.name,
+            "head": self.head,
+            "seed": self.seed,
+        }
+
+
+@dataclass(frozen=True)
+class EpochRow:
+    trial_id: str
+    epoch: int  # 1-based
+    train_loss: float
+    val_acc: float
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One finished (or failed) trial as a flat record; `orchestrator.store` maps it to Parquet."""
+
+    trial_id: str
+    status: str  # ok | failed
+    spec_json: str
+    kept_layers: tuple[int, ...] = ()
+    n_params: int = 0
+    best_epoch: int = 0
+    epochs_run: int = 0
+    val_acc: float = float("nan")
+    test_acc: float = float("nan")
+    test_acc_per_class: tuple[float, ...] = ()
+    n_train: int = 0
+    n_valid: int = 0
+    n_test: int = 0
+    majority_test_acc: float = float("nan")
+    train_tokens: int = 0
+    wall_s: float = 0.0
+    peak_mem_bytes: int = 0
+    device: str = ""
+    versions_json: str = "{}"
+    manifest_json: str = "{}"
+    started_at: str = ""
+    finished_at: str = ""
+    error_type: str = ""
+    error_message: str = ""
+    error_traceback: str = ""
+
+    @property
+    def spec(self) -> TrialSpec:
+        return TrialSpec.from_json(self.spec_json)
+
+
+class SpecError(ValueError):
+    """A trial cannot run as specified (e.g. a label word is not one token); the message
+    names the trial, the offending value and the fix."""
