@@ -58,6 +58,49 @@ def find_trial(grid: Grid, trial_id: str) -> TrialSpec:
     return matches[0]
 
 
+def grid_results(args: argparse.Namespace, grid: Grid) -> str:
+    """The grid's own results folder or URI: <results root>/<grid name>."""
+    return f"{results_root(args, grid).rstrip('/')}/{grid.name}"
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from slimsweep.orchestrator.launch import launch
+
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise GridError(f"--max-concurrent {args.max_concurrent}: give at least 1")
+    grid = load_grid(args.grid)
+    summary = launch(
+        grid,
+        grid_results(args, grid),
+        address=args.address,
+        max_concurrent=args.max_concurrent,
+        resume=args.resume,
+        dry_run=args.dry_run,
+    )
+    if not summary.dry_run:
+        print(
+            f"grid '{grid.name}': {summary.total - summary.missing}/{summary.total} trials done"
+            f"{f', {summary.failed} failed in this launch' if summary.failed else ''}"
+        )
+        if summary.missing:
+            print(f"to rerun what is missing: slimsweep launch {grid.path} --resume")
+    return summary.exit_code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from slimsweep.orchestrator.launch import status
+
+    grid = load_grid(args.grid)
+    st = status(grid, grid_results(args, grid))
+    print(f"grid '{st.grid}': results in {st.results}")
+    print(f"  done {st.done}/{st.total}, failed {len(st.failures)}, missing {st.missing}")
+    for trial_id, error in st.failures:
+        print(f"  failed {trial_id}: {error}")
+    if st.done < st.total:
+        print(f"to run what is missing: slimsweep launch {grid.path} --resume")
+    return st.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimsweep", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("grid")
     sp.add_argument("--format", choices=("table", "json", "csv"), default="table")
     sp.set_defaults(func=cmd_plan)
+
+    sp = sub.add_parser("launch", help="run the grid's missing trials on Ray Tune")
+    sp.add_argument("grid")
+    sp.add_argument("--address", help="join a Ray cluster: auto or ray://HOST:10001")
+    sp.add_argument("--results", help="results root, a folder or URI (s3://, gs://)")
+    sp.add_argument("--max-concurrent", type=int, help="at most N trials at once")
+    sp.add_argument("--resume", action="store_true", help="also rerun failed trials")
+    sp.add_argument("--dry-run", action="store_true", help="print what would run; run nothing")
+    sp.set_defaults(func=cmd_launch)
+
+    sp = sub.add_parser("status", help="done / failed / missing trials of a grid")
+    sp.add_argument("grid")
+    sp.add_argument("--results", help="results root, a folder or URI (s3://, gs://)")
+    sp.set_defaults(func=cmd_status)
     return p
 
 

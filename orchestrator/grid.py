@@ -58,6 +58,8 @@ KNOWN_DEPTHS: dict[str, int] = {
 class Resources:
     cpus: float = 1.0
     gpus: float | str = 0.0  # a number, or "auto": packed by estimated memory (launch)
+    # Ray custom resources per trial, e.g. (("fake_gpu", 1.0),): pins trials to nodes offering them.
+    custom: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -377,8 +379,15 @@ def load_grid(path: str | Path) -> Grid:
         if isinstance(s, bool) or not isinstance(s, int):
             raise ld.fail(f"seeds[{i}]", f"seed {s!r} is not an integer; write e.g. 42")
     resources = ld.mapping(raw.get("resources"), "resources")
-    ld.check_keys(resources, ("cpus", "gpus"), "resources")
-    res = Resources(**resources)
+    ld.check_keys(resources, ("cpus", "gpus", "custom"), "resources")
+    custom = ld.mapping(resources.get("custom"), "resources.custom")
+    for k, v in custom.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+            raise ld.fail(f"resources.custom.{k}", f"expected a positive number, got {v!r}")
+    res = Resources(
+        **{k: v for k, v in resources.items() if k != "custom"},
+        custom=tuple((str(k), float(v)) for k, v in sorted(custom.items())),
+    )
     if isinstance(res.cpus, bool) or not isinstance(res.cpus, int | float) or res.cpus <= 0:
         raise ld.fail("resources.cpus", f"expected a positive number, got {res.cpus!r}")
     if res.gpus != "auto" and (

