@@ -97,7 +97,7 @@ class RuntimeSpec:
     eval_batch_size: int = 0  # 0: chosen from free memory (32 on CPU)
     fused_adamw: bool = True  # only takes effect on CUDA
     compile: bool = False
-    checkpoint_dir: str | None = None  # per-epoch checkpoints, to restart a trial mid-way
+    checkpoint_every: int = 1  # epochs between restart checkpoints; 0: none
     cache_dir: str | None = None  # de-quantised / downloaded models, shared by trials
 
 
