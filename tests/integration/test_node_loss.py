@@ -1,0 +1,131 @@
+"""Losing a node mid-trial: Tune retries the trial on another node from its last epoch
+checkpoint, and the store ends with exactly one row per trial.
+
+A real multi-node Ray (`ray.cluster_utils.Cluster`: a head and two worker nodes on this
+machine). Trials ask for a custom resource only the worker nodes offer, so they run there,
+and one worker node is removed while a trial on it is between epochs. The trial function is
+a stand-in with run_trial's signature and checkpoint protocol (epochs are sleeps), so the test
+controls when the node goes and sees where each attempt started.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from slimsweep.orchestrator.grid import load_grid
+from slimsweep.orchestrator.launch import launch
+from slimsweep.orchestrator.plan import expand
+from slimsweep.orchestrator.store import Store
+from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec
+
+EPOCHS = 4
+
+GRID = f"""\
+name: node-loss
+models:
+  - name: stand-in
+    source: gpt2
+    layers: [1]
+tasks: [sst2]
+heads: [prompt-lm]
+seeds: [0, 1, 2]
+training: {{epochs: {EPOCHS}}}
+resources: {{cpus: 1, custom: {{fake_gpu: 1}}}}
+max_failures: 2
+"""
+
+
+def epoch_trial(
+    spec: TrialSpec, *, on_epoch, resume_from: str | None, marks: Path
+) -> tuple[TrialResult, list[EpochRow]]:
+    """Like run_trial: one checkpoint per epoch holding what a restart needs (here the rows
+    so far); leaves marks saying which node ran which epoch and where a restart began."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    rows: list[EpochRow] = []
+    if resume_from:
+        rows = [EpochRow(**r) for r in json.loads((Path(resume_from) / "rows.json").read_text())]
+        (marks / f"resumed-{spec.trial_id}-after-{len(rows)}").touch()
+    for epoch in range(len(rows) + 1, spec.train.epochs + 1):
+        time.sleep(0.5)
+        rows.append(EpochRow(spec.trial_id, epoch, 1.0 / epoch, 0.5, 0.5))
+        ckpt = tempfile.mkdtemp()
+        (Path(ckpt) / "rows.json").write_text(json.dumps([r.__dict__ for r in rows]))
+        on_epoch(rows[-1], ckpt)
+        (marks / f"epoch-{spec.trial_id}-{epoch}-{node}").touch()
+    result = TrialResult(
+        trial_id=spec.trial_id,
+        status="ok",
+        spec_json=spec.to_json(),
+        epochs_run=len(rows),
+        test_acc=0.5,
+    )
+    return result, rows
+
+
+@pytest.fixture()
+def two_worker_cluster():
+    import ray
+    from ray import cloudpickle
+    from ray.cluster_utils import Cluster
+
+    # Ray workers cannot import this test module by name: ship its functions by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=1, resources={"fake_gpu": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_a_grid_survives_losing_a_worker_node_mid_trial(two_worker_cluster, tmp_path: Path):
+    import threading
+
+    cluster, workers = two_worker_cluster
+    (tmp_path / "grid.yaml").write_text(GRID)
+    grid = load_grid(tmp_path / "grid.yaml")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    results = str(tmp_path / "results" / grid.name)
+    outcome = {}
+
+    def run() -> None:
+        fn = functools.partial(epoch_trial, marks=marks)
+        outcome["summary"] = launch(grid, results, echo=lambda _: None, trial_fn=fn)
+
+    driver = threading.Thread(target=run)
+    driver.start()
+    by_id = {w.node_id: w for w in workers}
+    victim = None
+    deadline = time.monotonic() + 120
+    while victim is None and time.monotonic() < deadline:  # a trial has checkpointed epoch 1
+        for mark in marks.glob("epoch-*-1-*"):
+            victim = by_id.get(mark.name.rsplit("-", 1)[1])
+        time.sleep(0.05)
+    assert victim is not None, "no trial reported an epoch on a worker node"
+    killed = {m.name.split("-")[1] for m in marks.glob(f"epoch-*-{victim.node_id}")}
+    cluster.remove_node(victim, allow_graceful=False)
+    driver.join(timeout=240)
+    assert not driver.is_alive()
+
+    summary = outcome["summary"]
+    ids = {s.trial_id for s in expand(grid)}
+    assert summary.retries >= 1 and summary.ok == len(ids) and summary.exit_code == 0
+    resumed = {m.name.split("-")[1] for m in marks.glob("resumed-*")}
+    assert killed & resumed, "the killed trial restarted from zero, not from its checkpoint"
+    store = Store(results)
+    trials, epochs = store.read_trials(), store.read_epochs()
+    assert sorted(trials.trial_id) == sorted(ids)
+    assert store.done_ids() == ids and store.failed_ids() == set()
+    assert len(epochs) == EPOCHS * len(ids)
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
