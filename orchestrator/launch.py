@@ -542,7 +542,12 @@ def _run_tune(
         tuner = tune.Tuner(
             trainable,
             param_space={"spec": tune.grid_search([s.to_json() for s in specs])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=max_concurrent,
+                # A trial process imports torch and transformers (seconds on CPU): keep it for
+                # the next trial, which also keeps the worker's in-process model cache warm.
+                reuse_actors=True,
+            ),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=storage,
