@@ -18,6 +18,7 @@ checkpoint when it reported one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -364,14 +365,19 @@ def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> A
             record, epochs = decode_record(result[RECORD_KEY])
             if record.status == "ok":
                 store.write_result(record, epochs)
-                tally.ok += 1
             else:
                 store.write_failure(record)
-                tally.failed += 1
-                echo(f"trial {record.trial_id} failed: {record.error_type}: {record.error_message}")
-            self.recorded.add(trial.trial_id)
+                error = f"{record.error_type}: {record.error_message}".splitlines()[0]
+                echo(f"trial {record.trial_id} failed: {error}")
+            # A trial retried after its record arrived (its node went right after) reports
+            # again: the store file is replaced, the counts must not grow.
+            if trial.trial_id not in self.recorded:
+                self.recorded.add(trial.trial_id)
+                tally.ok += record.status == "ok"
+                tally.failed += record.status != "ok"
+                start = self.started.get(trial.trial_id, time.monotonic())
+                tally.durations.append(time.monotonic() - start)
             tally.running.discard(trial.trial_id)
-            tally.durations.append(time.monotonic() - self.started[trial.trial_id])
             self._show()
 
         def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -387,21 +393,29 @@ def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> A
             error = _trial_error(trial)
             store.write_failure(failure_result(spec, error))
             tally.failed += 1
-            echo(f"trial {spec.trial_id} failed: {type(error).__name__}: {error}")
+            first = f"{type(error).__name__}: {error}".splitlines()[0]
+            echo(f"trial {spec.trial_id} failed: {first}")
             self._show()
 
     return Recorder()
 
 
 def _trial_error(trial: Any) -> BaseException:
-    try:
-        error = trial.get_pickled_error()
-    except Exception:
-        error = None
-    if isinstance(error, BaseException):
-        return error
-    text = (trial.get_error() or "lost without an error report").strip()
-    return RuntimeError(text.splitlines()[-1])
+    """The error Tune recorded for a trial, from the files it just wrote on the driver (its
+    storage copy is synced later)."""
+    from ray import cloudpickle
+
+    pickled, text = trial.pickled_error_file, trial.error_file
+    if pickled and os.path.isfile(pickled):
+        with contextlib.suppress(Exception), open(pickled, "rb") as f:
+            error = cloudpickle.load(f)
+            if isinstance(error, BaseException):
+                return error
+    if text and os.path.isfile(text):
+        lines = [line for line in Path(text).read_text().splitlines() if line.strip()]
+        if lines:
+            return RuntimeError(lines[-1])
+    return RuntimeError("trial lost without an error report")
 
 
 # --- launch --------------------------------------------------------------------------------
@@ -459,12 +473,13 @@ def launch(
     own folder or URI). `trial_fn` replaces `workers.run.run_trial` (same signature)."""
     store = Store(results_root)
     to_run, skipped, done = plan_launch(grid, store, resume)
-    total = len(expand(grid))
+    ids = {s.trial_id for s in expand(grid)}
+    total = len(ids)
     summary = LaunchSummary(
         grid=grid.name,
         results=store.uri,
         total=total,
-        done_before=len(done & {s.trial_id for s in expand(grid)}),
+        done_before=len(done & ids),
         failed_before_skipped=len(skipped),
         to_run=tuple(s.trial_id for s in to_run),
         dry_run=dry_run,
@@ -547,6 +562,9 @@ def _run_tune(
                 # A trial process imports torch and transformers (seconds on CPU): keep it for
                 # the next trial, which also keeps the worker's in-process model cache warm.
                 reuse_actors=True,
+                # Tune's folders and logs named by slimsweep's trial ids.
+                trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_name,
             ),
             run_config=tune.RunConfig(
                 name=name,
@@ -558,12 +576,24 @@ def _run_tune(
                 callbacks=[_make_callback(store, tally, echo)],
             ),
         )
-        tuner.fit()
+        # Tune logs each lost trial with a traceback; the progress lines and the store carry
+        # the error instead (`slimsweep status`).
+        tune_log = logging.getLogger("ray.tune")
+        level = tune_log.level
+        tune_log.setLevel(logging.CRITICAL)
+        try:
+            tuner.fit()
+        finally:
+            tune_log.setLevel(level)
         _remove_tune_state(store, storage, name)
         return tally
     finally:
         if started:
             ray.shutdown()
+
+
+def _trial_name(trial: Any) -> str:
+    return TrialSpec.from_json(trial.config["spec"]).trial_id
 
 
 def _fmt(resources: dict[str, float]) -> str:

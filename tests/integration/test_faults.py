@@ -1,17 +1,21 @@
-"""Losing a node mid-trial: Tune retries the trial on another node from its last epoch
-checkpoint, and the store ends with exactly one row per trial.
+"""Faults below the trial: a lost node and a dying trial process.
 
-A real multi-node Ray (`ray.cluster_utils.Cluster`: a head and two worker nodes on this
-machine). Trials ask for a custom resource only the worker nodes offer, so they run there,
-and one worker node is removed while a trial on it is between epochs. The trial function is
-a stand-in with run_trial's signature and checkpoint protocol (epochs are sleeps), so the test
-controls when the node goes and sees where each attempt started.
+Losing a node mid-trial: Tune retries the trial on another node from its last epoch
+checkpoint, and the store ends with exactly one row per trial. This runs on a real
+multi-node Ray (`ray.cluster_utils.Cluster`: a head and two worker nodes on this machine);
+trials ask for a custom resource only the worker nodes offer, so they run there, and one
+worker node is removed while a trial on it is between epochs. A process that dies on every
+attempt ends as a failed trial carrying Ray's error, which `--resume` reruns.
+
+The trial function is a stand-in with run_trial's signature and checkpoint protocol (epochs
+are sleeps), so the test controls when the fault strikes and sees where each attempt started.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import tempfile
 import time
@@ -70,14 +74,28 @@ def epoch_trial(
     return result, rows
 
 
+@pytest.fixture(autouse=True)
+def functions_by_value():
+    """Ray workers cannot import this test module by name: ship its functions by value."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def crash_on(seeds: set[int], spec: TrialSpec, **kwargs) -> tuple[TrialResult, list[EpochRow]]:
+    """The process dies (as under the OOM killer) for the given seeds."""
+    if spec.seed in seeds:
+        os._exit(9)
+    return epoch_trial(spec, **kwargs)
+
+
 @pytest.fixture()
 def two_worker_cluster():
     import ray
-    from ray import cloudpickle
     from ray.cluster_utils import Cluster
 
-    # Ray workers cannot import this test module by name: ship its functions by value.
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=1, resources={"fake_gpu": 1}) for _ in range(2)]
     cluster.wait_for_nodes()
@@ -85,7 +103,6 @@ def two_worker_cluster():
     yield cluster, workers
     ray.shutdown()
     cluster.shutdown()
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 def test_a_grid_survives_losing_a_worker_node_mid_trial(two_worker_cluster, tmp_path: Path):
@@ -129,3 +146,32 @@ def test_a_grid_survives_losing_a_worker_node_mid_trial(two_worker_cluster, tmp_
     assert store.done_ids() == ids and store.failed_ids() == set()
     assert len(epochs) == EPOCHS * len(ids)
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
+
+
+def test_a_trial_whose_process_always_dies_is_recorded_failed_and_resume_reruns_it(
+    ray_local, tmp_path: Path
+):
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        GRID.replace("custom: {fake_gpu: 1}", "custom: {}").replace("[0, 1, 2]", "[0, 1]")
+    )
+    grid = load_grid(path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    results = str(tmp_path / "results" / grid.name)
+    lines: list[str] = []
+    crashing = functools.partial(crash_on, {1}, marks=marks)
+    summary = launch(grid, results, echo=lines.append, trial_fn=crashing)
+    dead = next(s for s in expand(grid) if s.seed == 1)
+    assert (summary.ok, summary.failed, summary.exit_code) == (1, 1, 1)
+    assert summary.retries == grid.max_failures
+    store = Store(results)
+    assert store.failed_ids() == {dead.trial_id}
+    failure = store.read_failures().iloc[0]
+    assert failure.error_type == "ActorDiedError" and "died" in failure.error_message
+    assert any(f"trial {dead.trial_id} failed: ActorDiedError" in line for line in lines)
+
+    fixed = functools.partial(crash_on, set(), marks=marks)
+    again = launch(grid, results, resume=True, echo=lines.append, trial_fn=fixed)
+    assert again.to_run == (dead.trial_id,) and again.exit_code == 0
+    assert store.failed_ids() == set() and len(store.read_trials()) == 2
