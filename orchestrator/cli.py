@@ -82,8 +82,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
             f"grid '{grid.name}': {summary.total - summary.missing}/{summary.total} trials done"
             f"{f', {summary.failed} failed in this launch' if summary.failed else ''}"
         )
-        if summary.missing:
-            print(f"to rerun what is missing: slimsweep launch {grid.path} --resume")
+        if summary.failed or summary.failed_before_skipped:
+            print(f"to rerun the failed trials: slimsweep launch {grid.path} --resume")
+        elif summary.missing:
+            print(f"to run the missing trials: slimsweep launch {grid.path}")
     return summary.exit_code
 
 
@@ -96,8 +98,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  done {st.done}/{st.total}, failed {len(st.failures)}, missing {st.missing}")
     for trial_id, error in st.failures:
         print(f"  failed {trial_id}: {error}")
-    if st.done < st.total:
-        print(f"to run what is missing: slimsweep launch {grid.path} --resume")
+    if st.failures:
+        print(f"to rerun the failed trials: slimsweep launch {grid.path} --resume")
+    elif st.missing:
+        print(f"to run the missing trials: slimsweep launch {grid.path}")
     return st.exit_code
 
 
