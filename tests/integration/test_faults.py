@@ -1,11 +1,12 @@
-"""Faults below the trial: a lost node and a dying trial process.
+"""Faults below the trial: a lost node, a dying trial process, a killed driver.
 
 Losing a node mid-trial: Tune retries the trial on another node from its last epoch
 checkpoint, and the store ends with exactly one row per trial. This runs on a real
 multi-node Ray (`ray.cluster_utils.Cluster`: a head and two worker nodes on this machine);
 trials ask for a custom resource only the worker nodes offer, so they run there, and one
 worker node is removed while a trial on it is between epochs. A process that dies on every
-attempt ends as a failed trial carrying Ray's error, which `--resume` reruns.
+attempt ends as a failed trial carrying Ray's error, which `--resume` reruns. A driver
+killed with SIGKILL loses only its running trials: the next launch runs exactly those.
 
 The trial function is a stand-in with run_trial's signature and checkpoint protocol (epochs
 are sleeps), so the test controls when the fault strikes and sees where each attempt started.
@@ -175,3 +176,61 @@ def test_a_trial_whose_process_always_dies_is_recorded_failed_and_resume_reruns_
     again = launch(grid, results, resume=True, echo=lines.append, trial_fn=fixed)
     assert again.to_run == (dead.trial_id,) and again.exit_code == 0
     assert store.failed_ids() == set() and len(store.read_trials()) == 2
+
+
+DRIVER = """\
+import functools, sys
+from pathlib import Path
+sys.path.insert(0, {here!r})
+import test_faults
+from ray import cloudpickle
+from slimsweep.orchestrator.grid import load_grid
+from slimsweep.orchestrator.launch import launch
+cloudpickle.register_pickle_by_value(test_faults)
+trial = functools.partial(test_faults.epoch_trial, marks=Path({marks!r}))
+launch(load_grid({grid!r}), {results!r}, trial_fn=trial)
+"""
+
+
+def test_killing_the_driver_loses_only_the_running_trials(tmp_path: Path):
+    import signal
+    import subprocess
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        GRID.replace("custom: {fake_gpu: 1}", "custom: {}").replace(
+            "seeds: [0, 1, 2]", "seeds: [0, 1, 2, 3]"
+        )
+    )
+    grid = load_grid(path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    results = str(tmp_path / "results" / grid.name)
+    script = DRIVER.format(
+        here=str(Path(__file__).parent), marks=str(marks), grid=str(path), results=results
+    )
+    # Its own session, so the driver and the Ray it starts are killed together.
+    driver = subprocess.Popen(
+        [sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL
+    )
+    store = Store(results)
+    deadline = time.monotonic() + 120
+    while not store.done_ids() and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    done = store.done_ids()
+    ids = {s.trial_id for s in expand(grid)}
+    assert done and done < ids, "the driver should die with trials left to run"
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        trial = functools.partial(epoch_trial, marks=marks)
+        again = launch(grid, results, echo=lambda _: None, trial_fn=trial)
+    finally:
+        ray.shutdown()
+    assert set(again.to_run) == ids - done and again.exit_code == 0
+    assert sorted(store.read_trials().trial_id) == sorted(ids)
+    assert len(store.read_epochs()) == EPOCHS * len(ids)
