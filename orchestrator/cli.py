@@ -105,6 +105,41 @@ def cmd_status(args: argparse.Namespace) -> int:
     return st.exit_code
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from slimsweep.orchestrator import results as res
+
+    grid = load_grid(args.grid)
+    root = results_root(args, grid)
+    df = res.load_results(root, grid.name)
+    if df.empty:
+        raise GridError(
+            f"no results for grid '{grid.name}' in {root}/{grid.name}; "
+            f"run them with `slimsweep launch {grid.path}`"
+        )
+    cells = res.aggregate(
+        df,
+        args.metric,
+        grid=grid,
+        filters=res.parse_where(args.where),
+        compare=args.compare == "paper",
+    )
+    print(res.render(cells, args.format, args.metric).rstrip("\n"))
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from slimsweep.orchestrator import results as res
+
+    # --grid: a grid file (its name and `results:`) or just a grid name under the results root.
+    grid, name = None, args.grid
+    if args.grid and (args.grid.endswith((".yaml", ".yml")) or "/" in args.grid):
+        grid = load_grid(args.grid)
+        name = grid.name
+    out = res.query(args.sql, results_root(args, grid), name)
+    print(res.render_frame(out, args.format).rstrip("\n"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimsweep", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -127,6 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("grid")
     sp.add_argument("--results", help="results root, a folder or URI (s3://, gs://)")
     sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("results", help="the paper's tables for a grid: mean ± std over seeds")
+    sp.add_argument("grid")
+    sp.add_argument("--results", help="results root, a folder or URI (s3://, gs://)")
+    sp.add_argument("--format", choices=("markdown", "csv", "json", "latex"), default="markdown")
+    sp.add_argument("--metric", default="test_acc", help="test_acc (default), val_acc, ...")
+    sp.add_argument(
+        "--where", action="append", default=[], metavar="KEY=V[,V]", help="filter, repeatable"
+    )
+    sp.add_argument("--compare", choices=("paper",), help="the paper's numbers and differences")
+    sp.set_defaults(func=cmd_results)
+
+    sp = sub.add_parser("query", help="SQL (DuckDB) over tables trials, epochs, failed")
+    sp.add_argument("sql")
+    sp.add_argument("--results", help="results root, a folder or URI (s3://, gs://)")
+    sp.add_argument("--grid", help="one grid only: a grid file or a grid name")
+    sp.add_argument("--format", choices=("table", "csv", "json", "markdown"), default="table")
+    sp.set_defaults(func=cmd_query)
     return p
 
 

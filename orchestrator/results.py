@@ -1,0 +1,582 @@
+"""Results: the store's rows as DataFrames, the paper's tables, the comparison with the paper,
+and SQL over it all.
+
+Aggregation is a set of pure functions over the trial rows (`orchestrator.store` columns):
+
+    load_results(results, grid)   trial rows of one grid (or every grid under a results root)
+    aggregate(df, metric, ...)    one row per cell: head x model x layers x task (and "average")
+    paper_table(df, metric, ...)  the paper's shape: one wide table per head
+    render(cells, fmt)            markdown | csv | json | latex
+
+A cell is the mean over seeds, its sample standard deviation (ddof=1; NaN when one seed) and
+the number of seeds behind it. Accuracies are shown in percent, as in the paper. A cell with
+fewer seeds than expected is "incomplete": expected are the grid's seeds when a grid is given,
+otherwise every seed found in the (filtered) results. The "average" column is the mean over
+tasks of the per-task means (the paper's average), computed only when every task has a result.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import io
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+from slimsweep.orchestrator.grid import Grid, GridError
+from slimsweep.orchestrator.plan import expand
+from slimsweep.orchestrator.store import (
+    AXIS_FIELDS,
+    EPOCHS_SCHEMA,
+    SPEC_COLUMNS,
+    TRIALS_SCHEMA,
+    Store,
+)
+from slimsweep.workers.spec import HEADS
+
+AVERAGE = "average"
+CELL_KEYS = ("head", "model", "layers", "task")
+# Cell states and how the human formats mark them.
+OK, INCOMPLETE, MISSING = "ok", "incomplete", "missing"
+MARKS = {OK: "", INCOMPLETE: "*", MISSING: "—"}
+FORMATS = ("markdown", "csv", "json", "latex")
+
+
+@dataclass(frozen=True)
+class Metric:
+    label: str
+    percent: bool  # stored as a fraction, shown (and compared with the paper) in percent
+
+
+# Columns a table can aggregate. Only test_acc has reference numbers in the paper.
+METRICS: dict[str, Metric] = {
+    "test_acc": Metric("test accuracy (%)", True),
+    "val_acc": Metric("best validation accuracy (%)", True),
+    "majority_test_acc": Metric("majority-class test accuracy (%)", True),
+    "best_epoch": Metric("best epoch", False),
+    "epochs_run": Metric("epochs run", False),
+    "wall_s": Metric("wall time (s)", False),
+    "peak_mem_bytes": Metric("peak memory (bytes)", False),
+    "train_tokens": Metric("training tokens", False),
+}
+
+AXES = tuple(f.name for f in AXIS_FIELDS)  # grid, model, layers, task, head, seed
+# --where keys: the grid axes and the flattened spec settings (lr, precision, lm_loss, ...).
+FILTER_KEYS = (*AXES, *SPEC_COLUMNS)
+_FILTER_TYPES: dict[str, pa.DataType] = {k: TRIALS_SCHEMA.field(k).type for k in FILTER_KEYS}
+PAPER_CSV = "paper_tables.csv"
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def grid_stores(results: str, grid: str | None = None) -> list[Store]:
+    """The store of one grid (`<results>/<grid>`), or of every grid folder under `results`."""
+    base = results.rstrip("/")
+    if grid is not None:
+        return [Store(f"{base}/{grid}")]
+    root = Store(base)
+    infos = root.fs.get_file_info(pafs.FileSelector(root.root, allow_not_found=True))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    return [Store(f"{base}/{n}") for n in names]
+
+
+def _concat(frames: Iterable[pd.DataFrame], schema: pa.Schema) -> pd.DataFrame:
+    kept = [f for f in frames if not f.empty]
+    if not kept:
+        return schema.remove_metadata().empty_table().to_pandas()
+    return pd.concat(kept, ignore_index=True)
+
+
+def load_results(results: str, grid: str | None = None) -> pd.DataFrame:
+    """Finished trials (one row each) of grid `grid` under the results root `results` (a folder
+    or a pyarrow.fs URI), or of every grid there. Files being written are invisible (temporary
+    names) and unreadable files are skipped with a warning (see `Store`)."""
+    return _concat((s.read_trials() for s in grid_stores(results, grid)), TRIALS_SCHEMA)
+
+
+def load_epochs(results: str, grid: str | None = None) -> pd.DataFrame:
+    """Epoch rows (trial_id, epoch, train_loss, val_acc, wall_s and the axes), as above."""
+    return _concat((s.read_epochs() for s in grid_stores(results, grid)), EPOCHS_SCHEMA)
+
+
+def load_failures(results: str, grid: str | None = None) -> pd.DataFrame:
+    """Failure rows of trials that have not succeeded since, as above."""
+    return _concat((s.read_failures() for s in grid_stores(results, grid)), TRIALS_SCHEMA)
+
+
+def planned(df: pd.DataFrame, grid: Grid) -> pd.DataFrame:
+    """The rows of the grid's current trials. A grid folder can also hold trials of an earlier
+    version of the grid file (say another lr): same axes, another trial_id; they must not
+    be averaged with the current ones."""
+    ids = {s.trial_id for s in expand(grid)}
+    return df[df["trial_id"].isin(ids)]
+
+
+# --- filters -------------------------------------------------------------------------------
+
+
+def parse_where(items: Sequence[str]) -> dict[str, list[str]]:
+    """`["model=gpt2-xl", "layers=1,2"]` -> {"model": ["gpt2-xl"], "layers": ["1", "2"]}.
+    A key given twice accumulates values; values of one key are alternatives (OR)."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise GridError(f"--where {item!r}: expected KEY=VALUE[,VALUE...], e.g. layers=1,2")
+        out.setdefault(key.strip(), []).extend(v.strip() for v in value.split(","))
+    return out
+
+
+def _coerce(key: str, value: Any) -> Any:
+    kind = _FILTER_TYPES[key]
+    if not isinstance(value, str):
+        return value
+    try:
+        if pa.types.is_integer(kind):
+            return int(value)
+        if pa.types.is_floating(kind):
+            return float(value)
+    except ValueError:
+        raise GridError(f"--where {key}={value}: expected a number") from None
+    if pa.types.is_boolean(kind):
+        if value.lower() not in ("true", "false"):
+            raise GridError(f"--where {key}={value}: expected true or false")
+        return value.lower() == "true"
+    return value
+
+
+def check_filters(filters: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
+    """Filter values typed like their columns; an unknown key is a GridError naming the keys."""
+    out = {}
+    for key, values in filters.items():
+        if key not in _FILTER_TYPES:
+            raise GridError(f"--where {key}: unknown key; valid keys: {', '.join(FILTER_KEYS)}")
+        out[key] = [_coerce(key, v) for v in values]
+    return out
+
+
+def apply_filters(df: pd.DataFrame, filters: Mapping[str, Sequence[Any]]) -> pd.DataFrame:
+    for key, values in check_filters(filters).items():
+        df = df[df[key].isin(values)]
+    return df
+
+
+def metric_of(name: str) -> Metric:
+    if name not in METRICS:
+        raise GridError(f"--metric {name}: unknown metric; valid metrics: {', '.join(METRICS)}")
+    return METRICS[name]
+
+
+# --- the layout of the tables --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the tables show: heads, rows (model, layers), task columns and expected seeds."""
+
+    heads: tuple[str, ...]
+    rows: tuple[tuple[str, int], ...]
+    tasks: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+
+def _keep(values: Iterable[Any], key: str, filters: Mapping[str, Sequence[Any]]) -> list[Any]:
+    return [v for v in values if key not in filters or v in filters[key]]
+
+
+def _head_order(head: str) -> tuple[int, str]:
+    return (HEADS.index(head) if head in HEADS else len(HEADS), head)
+
+
+def layout(df: pd.DataFrame, grid: Grid | None, filters: Mapping[str, Sequence[Any]]) -> Layout:
+    """The grid's axes (in grid order) when given, else what the results hold: heads in the
+    paper's order, models by name, layers deepest first (as the paper's tables)."""
+    if grid is not None:
+        heads = list(grid.heads)
+        rows = [(m.spec.name, k) for m in grid.models for k in m.layers]
+        tasks = [t.name for t in grid.tasks]
+        seeds = list(grid.seeds)
+    else:
+        heads = sorted(df["head"].unique(), key=_head_order)
+        pairs = df[["model", "layers"]].drop_duplicates()
+        rows = sorted(
+            zip(pairs.model, pairs.layers.astype(int), strict=True), key=lambda r: (r[0], -r[1])
+        )
+        tasks = sorted(df["task"].unique())
+        seeds = sorted(int(s) for s in df["seed"].unique())
+    rows = [r for r in rows if r[0] in filters.get("model", [r[0]])]
+    rows = [r for r in rows if r[1] in filters.get("layers", [r[1]])]
+    return Layout(
+        heads=tuple(_keep(heads, "head", filters)),
+        rows=tuple(rows),
+        tasks=tuple(_keep(tasks, "task", filters)),
+        seeds=tuple(_keep(seeds, "seed", filters)),
+    )
+
+
+def _check_axis_values(
+    df: pd.DataFrame, grid: Grid | None, filters: Mapping[str, Sequence[Any]]
+) -> None:
+    """A filter on an axis that matches no value of the grid or results is a typo: say so."""
+    known: dict[str, set[Any]] = {k: set(df[k].dropna().unique()) for k in AXES}
+    if grid is not None:
+        known["grid"].add(grid.name)
+        known["model"] |= {m.spec.name for m in grid.models}
+        known["layers"] |= {k for m in grid.models for k in m.layers}
+        known["task"] |= {t.name for t in grid.tasks}
+        known["head"] |= set(grid.heads)
+        known["seed"] |= set(grid.seeds)
+    for key, values in filters.items():
+        if key in known and not known[key] & set(values):
+            valid = ", ".join(str(v) for v in sorted(known[key], key=str)) or "none"
+            raise GridError(
+                f"--where {key}={','.join(map(str, values))}: no such {key}; valid values: {valid}"
+            )
+
+
+# --- aggregation ---------------------------------------------------------------------------
+
+
+def human_count(n: float | None) -> str:
+    """1_557_611_200 -> '1.6B', 819_000_000 -> '819M', as the paper writes parameter counts."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return ""
+    for unit, base in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= base:
+            v = n / base
+            return f"{v:.1f}{unit}" if round(v, 1) < 10 else f"{v:.0f}{unit}"
+    return str(int(n))
+
+
+def aggregate(
+    df: pd.DataFrame,
+    metric: str = "test_acc",
+    *,
+    grid: Grid | None = None,
+    filters: Mapping[str, Sequence[Any]] | None = None,
+    compare: bool = False,
+) -> pd.DataFrame:
+    """One row per cell (head, model, layers, task; task "average" for the row average) with
+    columns params (median n_params of the cell's head/model/layers, formatted), mean, std
+    (ddof=1), n (seeds with a value), n_expected, missing_seeds, status (ok | incomplete |
+    missing) and, with `compare`, paper and diff (mean - paper, in percentage points).
+
+    With a grid, only the grid's current trials count (see `planned`) and every cell of the
+    grid appears, missing or not."""
+    m = metric_of(metric)
+    if compare and metric != "test_acc":
+        raise GridError(
+            f"--compare paper: the paper reports test accuracy only; drop --metric "
+            f"{metric} or use --metric test_acc"
+        )
+    filters = check_filters(filters or {})
+    if grid is not None:
+        df = planned(df, grid)
+    _check_axis_values(df, grid, filters)
+    data = apply_filters(df, filters)
+    lay = layout(data, grid, filters)
+    scale = 100.0 if m.percent else 1.0
+    values = data.dropna(subset=[metric])
+    per_seed = values.groupby(list(CELL_KEYS))
+    stats = per_seed[metric].agg(["mean", "std", "count"])
+    seeds = per_seed["seed"].agg(lambda s: {int(x) for x in s})
+    params = data.groupby(["head", "model", "layers"])["n_params"].median()
+    expected = set(lay.seeds)
+
+    records = []
+    for head in lay.heads:
+        for model, layers in lay.rows:
+            row = []
+            for task in lay.tasks:
+                key = (head, model, layers, task)
+                n = int(stats["count"].get(key, 0))
+                have = seeds.get(key, set())
+                missing = tuple(sorted(expected - have))
+                status = MISSING if n == 0 else INCOMPLETE if missing else OK
+                row.append(
+                    {
+                        "task": task,
+                        "mean": stats["mean"].get(key, math.nan) * scale,
+                        "std": stats["std"].get(key, math.nan) * scale,
+                        "n": n,
+                        "missing_seeds": missing,
+                        "status": status,
+                    }
+                )
+            row.append(_average(row))
+            for cell in row:
+                cell.update(
+                    head=head,
+                    model=model,
+                    layers=layers,
+                    params=human_count(params.get((head, model, layers))),
+                    n_expected=len(expected),
+                )
+            records.extend(row)
+    columns = [*CELL_KEYS, "params", "mean", "std", "n", "n_expected", "missing_seeds", "status"]
+    cells = pd.DataFrame.from_records(records, columns=columns)
+    cells["layers"] = cells["layers"].astype("int64")
+    cells["n"] = cells["n"].astype("int64")
+    return with_paper(cells) if compare else cells
+
+
+def _average(row: list[dict[str, Any]]) -> dict[str, Any]:
+    """The paper's average: the mean of the task means; none if a task has no result. Its n
+    is the fewest seeds behind any task; it is incomplete when any task is."""
+    statuses = {c["status"] for c in row}
+    if not row or MISSING in statuses:
+        mean, status = math.nan, MISSING
+    else:
+        mean = sum(c["mean"] for c in row) / len(row)
+        status = INCOMPLETE if INCOMPLETE in statuses else OK
+    missing = sorted({s for c in row for s in c["missing_seeds"]})
+    return {
+        "task": AVERAGE,
+        "mean": mean,
+        "std": math.nan,
+        "n": min((c["n"] for c in row), default=0),
+        "missing_seeds": tuple(missing),
+        "status": status,
+    }
+
+
+# --- the paper -----------------------------------------------------------------------------
+
+
+def paper_reference() -> pd.DataFrame:
+    """The paper's Tables II-IV (shipped as package data) in long form: head, model, layers,
+    params, task (the four tasks and "average"), value (test accuracy, %)."""
+    text = (importlib.resources.files("slimsweep.orchestrator") / "data" / PAPER_CSV).read_text()
+    wide = pd.read_csv(io.StringIO(text))
+    long = wide.melt(id_vars=["head", "model", "layers", "params"], var_name="task")
+    return long.astype({"layers": "int64", "value": "float64"})
+
+
+def with_paper(cells: pd.DataFrame) -> pd.DataFrame:
+    """Adds `paper` (the paper's number for the same head, model name, layers and task; NaN
+    where the paper has none) and `diff` = mean - paper."""
+    ref = paper_reference()[[*CELL_KEYS, "value"]].rename(columns={"value": "paper"})
+    out = cells.merge(ref, on=list(CELL_KEYS), how="left")
+    out["diff"] = out["mean"] - out["paper"]
+    return out
+
+
+# --- the paper's table shape ---------------------------------------------------------------
+
+
+def to_tables(cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per head, a wide table: index (model, layers, params), columns (task, field) with the
+    tasks in order and "average" last; fields mean, std, n, status [, paper, diff]."""
+    fields = [c for c in ("mean", "std", "n", "status", "paper", "diff") if c in cells]
+    tables = {}
+    for head in dict.fromkeys(cells["head"]):
+        c = cells[cells["head"] == head]
+        tasks = list(dict.fromkeys(c["task"]))
+        rows = list(dict.fromkeys(zip(c.model, c.layers, c.params, strict=True)))
+        wide = c.set_index(["model", "layers", "params", "task"])[fields].unstack("task")
+        wide = wide.swaplevel(axis=1).reindex(
+            index=pd.MultiIndex.from_tuples(rows, names=["model", "layers", "params"]),
+            columns=pd.MultiIndex.from_product([tasks, fields], names=["task", "field"]),
+        )
+        tables[head] = wide
+    return tables
+
+
+def paper_table(
+    df: pd.DataFrame,
+    metric: str = "test_acc",
+    *,
+    grid: Grid | None = None,
+    filters: Mapping[str, Sequence[Any]] | None = None,
+    compare: bool = False,
+) -> dict[str, pd.DataFrame]:
+    """The paper's Tables II-IV for any results: `to_tables(aggregate(...))`."""
+    return to_tables(aggregate(df, metric, grid=grid, filters=filters, compare=compare))
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+
+def _num(x: float, signed: bool = False) -> str:
+    return "" if pd.isna(x) else f"{x:+.2f}" if signed else f"{x:.2f}"
+
+
+def cell_text(cell: Mapping[str, Any]) -> str:
+    """'85.34 ± 0.52 (5)', '85.34 (1)*' (one seed, fewer than expected), '—' (no result);
+    with the paper: '... [paper 85.34, +0.00]'."""
+    if cell["status"] == MISSING:
+        text = MARKS[MISSING]
+    else:
+        spread = "" if pd.isna(cell["std"]) else f" ± {cell['std']:.2f}"
+        text = f"{cell['mean']:.2f}{spread} ({cell['n']}){MARKS[cell['status']]}"
+    if "paper" in cell and not pd.isna(cell["paper"]):
+        text += f" [paper {_num(cell['paper'])}, {_num(cell['diff'], signed=True) or '—'}]"
+    return text
+
+
+def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """A wide table (see `to_tables`) as header and rows of cell texts, for people."""
+    tasks = list(dict.fromkeys(table.columns.get_level_values("task")))
+    header = ["model", "layers", "params", *tasks]
+    rows = []
+    for (model, layers, params), r in table.iterrows():
+        rows.append([model, str(layers), params, *(cell_text(r[t]) for t in tasks)])
+    return header, rows
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
+
+
+def notes(cells: pd.DataFrame) -> list[str]:
+    """What the marks mean, and which cells are incomplete or missing."""
+    expected = int(cells["n_expected"].max()) if len(cells) else 0
+    out = [
+        "Each cell: mean ± sample standard deviation (ddof=1; none for one seed) over seeds, "
+        "(n) the number of seeds. The average is the mean of the task means.",
+    ]
+    tasks = cells[cells["task"] != AVERAGE]
+    incomplete = int((tasks["status"] == INCOMPLETE).sum())
+    missing = int((tasks["status"] == MISSING).sum())
+    if incomplete:
+        out.append(f"* {incomplete} cell(s) have fewer seeds than the {expected} expected.")
+    if missing:
+        out.append(f"— {missing} cell(s) have no result (no average for their rows).")
+    if "paper" in cells:
+        out.append("[paper X, ±D]: the paper's number and ours minus the paper's, in points.")
+    return out
+
+
+def _flat(cells: pd.DataFrame) -> pd.DataFrame:
+    """One row per head x model x layers, columns `<task>.<field>`: for spreadsheets."""
+    parts = []
+    for head, table in to_tables(cells).items():
+        wide = table.copy()
+        wide.columns = [f"{t}.{f}" for t, f in wide.columns]
+        parts.append(wide.reset_index().assign(head=head))
+    flat = pd.concat(parts, ignore_index=True)
+    return flat[["head", *(c for c in flat.columns if c != "head")]]
+
+
+def _latex_escape(text: str) -> str:
+    for a, b in (
+        ("\\", r"\textbackslash{}"),
+        ("&", r"\&"),
+        ("%", r"\%"),
+        ("_", r"\_"),
+        ("#", r"\#"),
+    ):
+        text = text.replace(a, b)
+    return text
+
+
+def _latex_cell(cell: Mapping[str, Any]) -> str:
+    if cell["status"] == MISSING:
+        text = "--"
+    else:
+        spread = "" if pd.isna(cell["std"]) else f" \\pm {cell['std']:.2f}"
+        star = "^{*}" if cell["status"] == INCOMPLETE else ""
+        text = f"${cell['mean']:.2f}{spread}{star}$"
+    if "paper" in cell and not pd.isna(cell["paper"]):
+        text += f" ({_num(cell['paper'])}, {_num(cell['diff'], signed=True) or '--'})"
+    return text
+
+
+def _latex(cells: pd.DataFrame, metric: str) -> str:
+    out = []
+    for head, table in to_tables(cells).items():
+        tasks = list(dict.fromkeys(table.columns.get_level_values("task")))
+        out.append(f"% {head}: {METRICS[metric].label}, mean $\\pm$ std over seeds")
+        out.append("\\begin{tabular}{lrr" + "r" * len(tasks) + "}")
+        out.append("\\toprule")
+        out.append(" & ".join(["Model", "Layers", "Params", *map(_latex_escape, tasks)]) + r" \\")
+        out.append("\\midrule")
+        for (model, layers, params), r in table.iterrows():
+            row = [_latex_escape(model), str(layers), params, *(_latex_cell(r[t]) for t in tasks)]
+            out.append(" & ".join(row) + r" \\")
+        out.extend(["\\bottomrule", "\\end{tabular}", ""])
+    return "\n".join(out)
+
+
+def _json(cells: pd.DataFrame) -> str:
+    records = cells.assign(missing_seeds=cells["missing_seeds"].map(list)).to_dict("records")
+    clean = [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
+        for r in records
+    ]
+    return json.dumps(clean, indent=1)
+
+
+def render(cells: pd.DataFrame, fmt: str = "markdown", metric: str = "test_acc") -> str:
+    """Cells as text. markdown and latex round to 2 decimals for people; csv (wide, one row per
+    head x model x layers) and json (one record per cell) keep full precision."""
+    if fmt == "csv":
+        return _flat(cells).to_csv(index=False)
+    if fmt == "json":
+        return _json(cells)
+    if fmt == "latex":
+        return _latex(cells, metric)
+    if fmt != "markdown":
+        raise GridError(f"--format {fmt}: unknown format; valid formats: {', '.join(FORMATS)}")
+    out = []
+    for head, table in to_tables(cells).items():
+        out.append(f"### {head}: {METRICS[metric].label}\n")
+        out.append(markdown_table(*display_rows(table)) + "\n")
+    out.extend(notes(cells))
+    return "\n".join(out)
+
+
+# --- SQL -----------------------------------------------------------------------------------
+
+
+def connect(results: str, grid: str | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with tables `trials`, `epochs` and `failed` (the store's rows,
+    read through the store, so local folders and object-store URIs behave the same)."""
+    con = duckdb.connect()
+    sources = {
+        "trials": (load_results(results, grid), TRIALS_SCHEMA),
+        "epochs": (load_epochs(results, grid), EPOCHS_SCHEMA),
+        "failed": (load_failures(results, grid), TRIALS_SCHEMA),
+    }
+    for name, (df, schema) in sources.items():
+        # Through Arrow with the store's schema, so empty tables keep their column types.
+        table = pa.Table.from_pandas(df, schema=schema.remove_metadata(), preserve_index=False)
+        con.register(name, table)
+    return con
+
+
+def query(sql: str, results: str, grid: str | None = None) -> pd.DataFrame:
+    """Run one SQL statement over `trials`, `epochs` and `failed`; a DuckDB error becomes a
+    one-line GridError with DuckDB's message."""
+    con = connect(results, grid)
+    try:
+        return con.execute(sql).df()
+    except duckdb.Error as e:
+        first = str(e).splitlines()[0]
+        raise GridError(f"SQL error: {first} (tables: trials, epochs, failed)") from None
+    finally:
+        con.close()
+
+
+QUERY_FORMATS = ("table", "csv", "json", "markdown")
+
+
+def render_frame(df: pd.DataFrame, fmt: str = "table") -> str:
+    """A query result as text."""
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "json":
+        return df.to_json(orient="records", indent=1, date_format="iso")
+    if fmt == "markdown":
+        return markdown_table(list(df.columns), df.astype(str).values.tolist())
+    return df.to_string(index=False)
