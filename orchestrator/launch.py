@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -256,20 +257,21 @@ def run_one(config: dict[str, Any], trial_fn: TrialFn | None = None) -> None:
 
     spec = TrialSpec.from_json(config["spec"])
     fn = trial_fn or _default_trial_fn()
-    checkpoints = [True]  # off after the first checkpoint the storage cannot take
+    checkpoints = True  # off after the first checkpoint the storage cannot take
 
     def on_epoch(row: EpochRow, checkpoint_dir: str | None) -> None:
+        nonlocal checkpoints
         metrics = {"epoch": row.epoch, "train_loss": row.train_loss, "val_acc": row.val_acc}
-        if checkpoint_dir and checkpoints[0]:
+        if checkpoint_dir and checkpoints:
             try:
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
                 return
             except RuntimeError as e:  # storage not shared with this node: go on without
-                checkpoints[0] = False
+                checkpoints = False
                 print(f"slimsweep: trial {spec.trial_id}: checkpoints off: {e}", file=sys.stderr)
         tune.report(metrics)
 
-    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    started = datetime.now(UTC).isoformat()
     t0 = time.monotonic()
     restored = tune.get_checkpoint()
     resume_dir = restored.to_directory() if restored else None
