@@ -112,10 +112,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     root = results_root(args, grid)
     df = res.load_results(root, grid.name)
     if df.empty:
-        raise GridError(
-            f"no results for grid '{grid.name}' in {root}/{grid.name}; "
-            f"run them with `slimsweep launch {grid.path}`"
-        )
+        raise res.no_results(grid, root)
     cells = res.aggregate(
         df,
         args.metric,
@@ -137,6 +134,15 @@ def cmd_query(args: argparse.Namespace) -> int:
         name = grid.name
     out = res.query(args.sql, results_root(args, grid), name)
     print(res.render_frame(out, args.format).rstrip("\n"))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from slimsweep.orchestrator.report import build_report
+
+    grid = load_grid(args.grid)
+    report = build_report(grid, results_root(args, grid), args.out, compare=args.compare == "paper")
+    print(f"report: {report.html} (and {report.markdown.name}, {len(report.images)} images)")
     return 0
 
 
@@ -180,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--grid", help="one grid only: a grid file or a grid name")
     sp.add_argument("--format", choices=("table", "csv", "json", "markdown"), default="table")
     sp.set_defaults(func=cmd_query)
+
+    sp = sub.add_parser("report", help="an HTML + Markdown report: tables, plots, costs")
+    sp.add_argument("grid")
+    sp.add_argument("--out", required=True, help="folder for index.html, report.md, PNGs")
+    sp.add_argument("--results", help="results root, a folder or URI (s3://, gs://)")
+    sp.add_argument("--compare", choices=("paper",), help="the paper's numbers and differences")
+    sp.set_defaults(func=cmd_report)
     return p
 
 

@@ -111,6 +111,13 @@ def load_failures(results: str, grid: str | None = None) -> pd.DataFrame:
     return _concat((s.read_failures() for s in grid_stores(results, grid)), TRIALS_SCHEMA)
 
 
+def no_results(grid: Grid, results: str) -> GridError:
+    return GridError(
+        f"no results for grid '{grid.name}' in {results.rstrip('/')}/{grid.name}; "
+        f"run them with `slimsweep launch {grid.path}`"
+    )
+
+
 def planned(df: pd.DataFrame, grid: Grid) -> pd.DataFrame:
     """The rows of the grid's current trials. A grid folder can also hold trials of an earlier
     version of the grid file (say another lr): same axes, another trial_id; they must not
@@ -449,9 +456,9 @@ def notes(cells: pd.DataFrame) -> list[str]:
     incomplete = int((tasks["status"] == INCOMPLETE).sum())
     missing = int((tasks["status"] == MISSING).sum())
     if incomplete:
-        out.append(f"* {incomplete} cell(s) have fewer seeds than the {expected} expected.")
+        out.append(f"*: {incomplete} cell(s) have fewer seeds than the {expected} expected.")
     if missing:
-        out.append(f"— {missing} cell(s) have no result (no average for their rows).")
+        out.append(f"—: {missing} cell(s) have no result (no average for their rows).")
     if "paper" in cells:
         out.append("[paper X, ±D]: the paper's number and ours minus the paper's, in points.")
     return out
