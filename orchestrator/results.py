@@ -459,8 +459,15 @@ def notes(cells: pd.DataFrame) -> list[str]:
         out.append(f"*: {incomplete} cell(s) have fewer seeds than the {expected} expected.")
     if missing:
         out.append(f"—: {missing} cell(s) have no result (no average for their rows).")
-    if "paper" in cells:
+    if "paper" in cells and cells["paper"].notna().any():
         out.append("[paper X, ±D]: the paper's number and ours minus the paper's, in points.")
+    elif "paper" in cells:
+        ref = paper_reference()
+        tasks = dict.fromkeys(ref.task[ref.task != AVERAGE])
+        out.append(
+            "The paper has no numbers for these rows; it reports models "
+            f"{', '.join(dict.fromkeys(ref.model))} on tasks {', '.join(tasks)}."
+        )
     return out
 
 

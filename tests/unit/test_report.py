@@ -12,7 +12,7 @@ from slimsweep.orchestrator import report as rep
 from slimsweep.orchestrator.cli import main
 from slimsweep.orchestrator.grid import Grid, GridError, load_grid
 from slimsweep.orchestrator.plan import expand
-from slimsweep.orchestrator.results import aggregate, load_epochs, load_results
+from slimsweep.orchestrator.results import aggregate, load_epochs, load_results, notes
 from slimsweep.orchestrator.store import Store, failure_result
 from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec
 
@@ -113,6 +113,16 @@ def test_demo_plot_has_one_line_per_head(demo):
     for ax in fig.axes:
         assert solid_lines(ax) == ["prompt-lm"]
         assert [int(t) for t in ax.get_xticks()] == [1, 2, 30]
+
+
+def test_demo_compared_with_the_paper_says_the_paper_has_no_such_rows(demo):
+    grid, results = demo
+    cells = aggregate(load_results(results, grid.name), grid=grid, compare=True)
+    assert cells["paper"].isna().all()
+    assert notes(cells)[-1] == (
+        "The paper has no numbers for these rows; it reports models gpt2-xl, opt-1.3b on "
+        "tasks agnews, emoc, sst2, trec."
+    )
 
 
 def test_two_heads_two_lines_and_dashed_paper_lines(two):

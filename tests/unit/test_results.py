@@ -14,7 +14,7 @@ from slimsweep.orchestrator import results as res
 from slimsweep.orchestrator.cli import main
 from slimsweep.orchestrator.grid import Grid, GridError, load_grid
 from slimsweep.orchestrator.plan import expand
-from slimsweep.orchestrator.store import Store
+from slimsweep.orchestrator.store import Store, failure_result
 from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec
 
 GRID_YAML = """\
@@ -381,3 +381,17 @@ def test_cli_query_takes_a_grid_name(results, capsys):
         == 0
     )
     assert capsys.readouterr().out.split() == ["n", "43"]
+
+
+def test_uri_results_root_and_failed_table(tmp_path, grid):
+    root = f"file://{tmp_path}/results"
+    specs = expand(grid)
+    write(Store(f"{root}/mini"), specs[0], 0.5)
+    try:
+        raise RuntimeError("CUDA out of memory")
+    except RuntimeError as e:
+        Store(f"{root}/mini").write_failure(failure_result(specs[1], e, wall_s=2.0))
+    assert list(res.load_results(root).test_acc) == [0.5]
+    assert list(res.load_failures(root, "mini").error_message) == ["CUDA out of memory"]
+    out = res.query("SELECT seed, error_type FROM failed", root, "mini")
+    assert out.to_dict("records") == [{"seed": 1, "error_type": "RuntimeError"}]
