@@ -186,10 +186,18 @@ def _dequantised(spec: TrialSpec, folder: str) -> str:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         kwargs = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
-        model = AutoModelForCausalLM.from_pretrained(
+        gguf = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=m.gguf_file, dtype=torch.float32, **kwargs
         )
-        model.save_pretrained(tmp)
+        # A GGUF-loaded model keeps its quantizer and refuses save_pretrained; its weights are
+        # plain float tensors by now, so move them into a model built from a clean config.
+        config = gguf.config
+        delattr(config, "quantization_config")
+        plain = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, trust_remote_code=m.trust_remote_code
+        )
+        plain.load_state_dict(gguf.state_dict())
+        plain.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(folder, gguf_file=m.gguf_file, **kwargs).save_pretrained(tmp)
         (tmp / "slimsweep-source.json").write_text(key + "\n")
         try:

