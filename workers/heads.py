@@ -1,0 +1,241 @@
+"""Class logits and loss for each head: prompt-lm, prompt-cls, vanilla-cls.
+
+Every head reads one position per sequence: the last real token. The fast paths compute the
+decoder body's hidden states and apply the output layer (LM head or classification `score`)
+to that one position only; the plain path runs the whole model (full sequence x vocabulary
+logits for the LM head, the model's own pooling for classification) and picks the same
+position. Both sit behind the same functions, chosen by `RuntimeSpec` flags, and the tests
+hold them equal:
+
+- `last_position_logits`: gather the last real position before the output layer;
+- `prefix_cache`: in evaluation, encode the demonstration prefix (identical for every query)
+  once and run only the query tokens against a copy of its KV cache;
+- `eval_batch_size`: right-padded batches with an attention mask (1 = one query at a time).
+
+Right padding is safe for every family here: attention is causal, so real tokens never see
+the pads after them, and position ids count from the left as in an unpadded sequence.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from slimsweep.workers.families import family_of, head_module
+from torch import nn
+from transformers import DynamicCache
+
+
+class Encoded(Protocol):
+    """What the heads read from an example (`workers.data.Example` provides it)."""
+
+    @property
+    def label(self) -> int: ...
+    @property
+    def input_ids(self) -> tuple[int, ...]: ...
+    @property
+    def query_ids(self) -> tuple[int, ...]: ...
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Right-padded token ids; `last` is each row's last real position."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    last: torch.Tensor  # [B]
+    labels: torch.Tensor  # [B]
+
+
+def collate(
+    seqs: Sequence[Sequence[int]], labels: Sequence[int], pad_id: int, device: torch.device
+) -> Batch:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    return Batch(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        last=(lengths - 1).to(device),
+        labels=torch.tensor(list(labels), dtype=torch.long).to(device),
+    )
+
+
+# --- the three heads ------------------------------------------------------------------------
+
+# (output logits at the last position [B, O], labels [B], label token ids [C]) -> loss
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _label_words_loss(out: torch.Tensor, labels: torch.Tensor, label_ids: torch.Tensor):
+    # The authors' code: cross-entropy over the label words' logits only.
+    return F.cross_entropy(out[:, label_ids].float(), labels)
+
+
+def _full_vocab_loss(out: torch.Tensor, labels: torch.Tensor, label_ids: torch.Tensor):
+    # The other reading of the paper: next-token cross-entropy with the label word as target.
+    return F.cross_entropy(out.float(), label_ids[labels])
+
+
+def _class_loss(out: torch.Tensor, labels: torch.Tensor, label_ids: torch.Tensor):
+    return F.cross_entropy(out.float(), labels)
+
+
+# train.lm_loss -> loss of the LM head
+LM_LOSSES: dict[str, LossFn] = {"label-words": _label_words_loss, "full-vocab": _full_vocab_loss}
+
+
+@dataclass(frozen=True)
+class Head:
+    """How one head turns a model's output at the last position into class logits."""
+
+    # the model's output layer: final hidden state -> output logits (vocabulary or classes)
+    output_layer: Callable[[nn.Module], nn.Module]
+    # output logits [B, O], label token ids [C] -> class logits [B, C]
+    class_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    # train.lm_loss -> loss; a classification head has one loss whatever lm_loss says
+    loss: Callable[[str], LossFn]
+    # whether `model(...).logits` is already one row per sequence (the HF classification
+    # models pool at the last non-pad token themselves)
+    pooled_by_model: bool
+
+
+_LM = Head(
+    output_layer=lambda model: head_module(model, "prompt-lm"),
+    class_logits=lambda out, label_ids: out[:, label_ids],
+    loss=lambda lm_loss: LM_LOSSES[lm_loss],
+    pooled_by_model=False,
+)
+_CLS = Head(
+    output_layer=lambda model: head_module(model, "prompt-cls"),
+    class_logits=lambda out, label_ids: out,
+    loss=lambda lm_loss: _class_loss,
+    pooled_by_model=True,
+)
+HEADS: dict[str, Head] = {"prompt-lm": _LM, "prompt-cls": _CLS, "vanilla-cls": _CLS}
+
+
+# --- forward passes -------------------------------------------------------------------------
+
+
+def body(model: nn.Module) -> nn.Module:
+    """The decoder without its head (hidden states after the final norm), per family."""
+    return family_of(model.config.model_type).get(model, "body")
+
+
+def _cache_kwarg(module: nn.Module) -> str:
+    # transformers 5 renamed `past_key_values` to `cache`; 4.x knows only the old name.
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def output_logits(
+    model: nn.Module,
+    head: Head,
+    batch: Batch,
+    *,
+    last_position: bool = True,
+    cache: DynamicCache | None = None,
+) -> torch.Tensor:
+    """The output logits [B, O] at each row's last real position.
+
+    With `cache` (a prefix's KV cache expanded over the batch), `batch` holds only the query
+    tokens; the attention mask then covers the prefix too."""
+    mask = batch.attention_mask
+    extra = {}
+    if cache is not None:
+        prefix = torch.ones(
+            (mask.shape[0], cache.get_seq_length()), dtype=mask.dtype, device=mask.device
+        )
+        mask = torch.cat([prefix, mask], dim=1)
+    rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+    if last_position:
+        decoder = body(model)
+        if cache is not None:
+            extra = {_cache_kwarg(decoder): cache, "use_cache": True}
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=mask, **extra).last_hidden_state
+        return head.output_layer(model)(hidden[rows, batch.last])
+    if cache is not None:
+        extra = {_cache_kwarg(model): cache, "use_cache": True}
+    logits = model(input_ids=batch.input_ids, attention_mask=mask, **extra).logits
+    return logits if head.pooled_by_model else logits[rows, batch.last]
+
+
+def batch_loss(
+    model: nn.Module,
+    head: Head,
+    examples: Sequence[Encoded],
+    label_ids: torch.Tensor,
+    *,
+    lm_loss: str,
+    pad_id: int,
+    last_position: bool = True,
+) -> torch.Tensor:
+    """Mean training loss over `examples` (full prompts, gradients through everything)."""
+    batch = collate(
+        [e.input_ids for e in examples], [e.label for e in examples], pad_id, label_ids.device
+    )
+    out = output_logits(model, head, batch, last_position=last_position)
+    return head.loss(lm_loss)(out, batch.labels, label_ids)
+
+
+@dataclass(frozen=True)
+class PrefixCache:
+    """The demonstration prefix's keys and values per layer, computed once per evaluation."""
+
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # [1, heads, P, head_dim] each
+
+    @classmethod
+    def encode(cls, model: nn.Module, prefix_ids: Sequence[int], device: torch.device):
+        decoder = body(model)
+        ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
+        cache = decoder(input_ids=ids, use_cache=True)[_cache_kwarg(decoder)]
+        return cls(tuple((layer.keys, layer.values) for layer in cache.layers))
+
+    def expand(self, batch_size: int) -> DynamicCache:
+        """A fresh cache for one batch: the model appends the query's keys to it, so each
+        batch gets its own (the expanded views are copied when the first keys are appended)."""
+        return DynamicCache(
+            ddp_cache_data=[
+                (k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1))
+                for k, v in self.layers
+            ]
+        )
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    head: Head,
+    examples: Sequence[Encoded],
+    *,
+    prefix_ids: Sequence[int],
+    label_ids: torch.Tensor,
+    pad_id: int,
+    batch_size: int,
+    last_position: bool = True,
+    prefix_cache: bool = True,
+) -> torch.Tensor:
+    """Class logits [N, C] (float32, on CPU) for `examples`, in their order.
+
+    Batches are formed over examples sorted by length (longest first, so a batch too large
+    for memory fails at once), padded to their own longest row, then put back in order."""
+    device = label_ids.device
+    cached = PrefixCache.encode(model, prefix_ids, device) if prefix_cache and prefix_ids else None
+    seqs = [e.query_ids if cached else e.input_ids for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: -len(seqs[i]))
+    out = torch.empty((len(examples), len(label_ids)), dtype=torch.float32)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate([seqs[i] for i in idx], [examples[i].label for i in idx], pad_id, device)
+        cache = cached.expand(len(idx)) if cached else None
+        logits = output_logits(model, head, batch, last_position=last_position, cache=cache)
+        out[idx] = head.class_logits(logits, label_ids).float().cpu()
+    return out
