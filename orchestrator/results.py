@@ -478,6 +478,8 @@ def _flat(cells: pd.DataFrame) -> pd.DataFrame:
         wide = table.copy()
         wide.columns = [f"{t}.{f}" for t, f in wide.columns]
         parts.append(wide.reset_index().assign(head=head))
+    if not parts:
+        return pd.DataFrame(columns=["head", "model", "layers", "params"])
     flat = pd.concat(parts, ignore_index=True)
     return flat[["head", *(c for c in flat.columns if c != "head")]]
 

@@ -395,3 +395,11 @@ def test_uri_results_root_and_failed_table(tmp_path, grid):
     assert list(res.load_failures(root, "mini").error_message) == ["CUDA out of memory"]
     out = res.query("SELECT seed, error_type FROM failed", root, "mini")
     assert out.to_dict("records") == [{"seed": 1, "error_type": "RuntimeError"}]
+
+
+def test_no_rows_render_empty_tables_in_every_format(df):
+    cells = res.aggregate(df.iloc[:0])
+    assert cells.empty
+    assert res.render(cells, "csv").strip() == "head,model,layers,params"
+    assert json.loads(res.render(cells, "json")) == []
+    assert res.render(cells, "markdown").startswith("Each cell: mean")
