@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 from slimsweep.orchestrator.grid import Grid, GridError, load_grid
 from slimsweep.orchestrator.plan import expand
@@ -105,6 +106,72 @@ def cmd_status(args: argparse.Namespace) -> int:
     return st.exit_code
 
 
+def read_spec(path: str) -> TrialSpec:
+    """A TrialSpec from a JSON file (as `TrialSpec.to_json()` writes it)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the spec file ({e.strerror})") from e
+    try:
+        return TrialSpec.from_json(text)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SpecError(
+            f"{path}: not a TrialSpec JSON ({type(e).__name__}: {e}); write one with "
+            f"TrialSpec.to_json()"
+        ) from e
+
+
+def cmd_run_trial(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from slimsweep.orchestrator.launch import encode_record
+    from slimsweep.workers.run import run_trial
+
+    if bool(args.spec) == bool(args.grid or args.trial) or (args.grid and not args.trial):
+        raise GridError("run-trial: give a grid and --trial ID, or --spec FILE (not both)")
+    spec = read_spec(args.spec) if args.spec else find_trial(load_grid(args.grid), args.trial)
+    # In-process: nobody to hand restart checkpoints to, so write none.
+    spec = dataclasses.replace(spec, runtime=dataclasses.replace(spec.runtime, checkpoint_every=0))
+    # With --json, stdout carries only the record; progress goes to stderr.
+    log = sys.stderr if args.json else sys.stdout
+    a = spec.axes()
+    print(
+        f"trial {spec.trial_id}: model {a['model']} layers {a['layers']} task {a['task']} "
+        f"head {a['head']} seed {a['seed']}",
+        file=log,
+        flush=True,
+    )
+
+    def on_epoch(row, _checkpoint_dir: str | None) -> None:
+        print(
+            f"  epoch {row.epoch}: train loss {row.train_loss:.4f}  val acc {row.val_acc:.3f}"
+            f"  ({row.wall_s:.1f} s)",
+            file=log,
+            flush=True,
+        )
+
+    result, epochs = run_trial(spec, on_epoch=on_epoch)
+    if args.json:
+        print(json.dumps(json.loads(encode_record(result, epochs)), indent=1))
+        return 0
+    per_class = ", ".join(f"{x:.3f}" for x in result.test_acc_per_class)
+    print(
+        f"best epoch {result.best_epoch} of {result.epochs_run}: val acc {result.val_acc:.3f}, "
+        f"test acc {result.test_acc:.3f} (per class {per_class}; majority class "
+        f"{result.majority_test_acc:.3f})"
+    )
+    print(
+        f"  {result.n_params / 1e6:.1f} M params, kept layers {list(result.kept_layers)}, "
+        f"train/valid/test {result.n_train}/{result.n_valid}/{result.n_test}, "
+        f"{result.train_tokens} train tokens"
+    )
+    print(
+        f"  {result.wall_s:.1f} s on {result.device}, peak memory "
+        f"{result.peak_mem_bytes / 2**30:.2f} GiB"
+    )
+    return 0
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from slimsweep.orchestrator import results as res
 
@@ -168,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("grid")
     sp.add_argument("--results", help="results root, a folder or URI (s3://, gs://)")
     sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("run-trial", help="run one trial in this process and print its record")
+    sp.add_argument("grid", nargs="?", help="the grid file holding the trial")
+    sp.add_argument("--trial", help="the trial's id (a unique prefix is enough)")
+    sp.add_argument("--spec", help="a TrialSpec JSON file instead of a grid and --trial")
+    sp.add_argument("--json", action="store_true", help="print the record as JSON")
+    sp.set_defaults(func=cmd_run_trial)
 
     sp = sub.add_parser("results", help="the paper's tables for a grid: mean ± std over seeds")
     sp.add_argument("grid")

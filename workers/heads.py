@@ -131,6 +131,10 @@ def body(model: nn.Module) -> nn.Module:
     return family_of(model.config.model_type).get(model, "body")
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _cache_kwarg(module: nn.Module) -> str:
     # transformers 5 renamed `past_key_values` to `cache`; 4.x knows only the old name.
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
@@ -178,9 +182,11 @@ def batch_loss(
     pad_id: int,
     last_position: bool = True,
 ) -> torch.Tensor:
-    """Mean training loss over `examples` (full prompts, gradients through everything)."""
+    """Mean training loss over `examples` (full prompts, gradients through everything).
+    `label_ids`: the label words' token ids on the model's device (prompt-lm; unused, and
+    may be empty, for the classification heads)."""
     batch = collate(
-        [e.input_ids for e in examples], [e.label for e in examples], pad_id, label_ids.device
+        [e.input_ids for e in examples], [e.label for e in examples], pad_id, _device(model)
     )
     out = output_logits(model, head, batch, last_position=last_position)
     return head.loss(lm_loss)(out, batch.labels, label_ids)
@@ -223,19 +229,23 @@ def predict_logits(
     last_position: bool = True,
     prefix_cache: bool = True,
 ) -> torch.Tensor:
-    """Class logits [N, C] (float32, on CPU) for `examples`, in their order.
+    """Class logits [N, C] (float32, on CPU) for `examples`, in their order (`label_ids` as
+    for `batch_loss`).
 
     Batches are formed over examples sorted by length (longest first, so a batch too large
     for memory fails at once), padded to their own longest row, then put back in order."""
-    device = label_ids.device
+    device = _device(model)
     cached = PrefixCache.encode(model, prefix_ids, device) if prefix_cache and prefix_ids else None
     seqs = [e.query_ids if cached else e.input_ids for e in examples]
     order = sorted(range(len(examples)), key=lambda i: -len(seqs[i]))
-    out = torch.empty((len(examples), len(label_ids)), dtype=torch.float32)
+    chunks = []
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = collate([seqs[i] for i in idx], [examples[i].label for i in idx], pad_id, device)
         cache = cached.expand(len(idx)) if cached else None
         logits = output_logits(model, head, batch, last_position=last_position, cache=cache)
-        out[idx] = head.class_logits(logits, label_ids).float().cpu()
+        chunks.append(head.class_logits(logits, label_ids).float().cpu())
+    sorted_logits = torch.cat(chunks)
+    out = torch.empty_like(sorted_logits)
+    out[order] = sorted_logits
     return out

@@ -35,9 +35,9 @@ class Ex:
 
 def encode(tokenizer, head: str) -> tuple[list[Ex], list[int], list[int]]:
     """Examples of different lengths behind one shared demonstration prefix (none for
-    vanilla-cls), and the label words' token ids."""
+    vanilla-cls), and the label words' token ids (prompt-lm only, as data.prepare gives)."""
     task = TASKS["sst2"]
-    words = [tokenizer.encode(w)[0] for w in task.label_words]
+    words = [tokenizer.encode(w)[0] for w in task.label_words] if head == "prompt-lm" else []
     prefix: list[int] = []
     if head != "vanilla-cls":
         pairs = zip(TEXTS[:2], task.label_words, strict=True)
@@ -75,7 +75,7 @@ def test_fast_paths_match_plain_path(tiny_models, family: str, head: str) -> Non
     examples, prefix, words = encode(loaded.tokenizer, head)
     kw = {
         "prefix_ids": prefix,
-        "label_ids": torch.tensor(words),
+        "label_ids": torch.tensor(words, dtype=torch.long),
         "pad_id": loaded.tokenizer.pad_token_id,
     }
 

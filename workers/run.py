@@ -1,0 +1,110 @@
+"""One trial, start to finish: `run_trial(spec) -> (TrialResult, [EpochRow])`.
+
+A plain function: call it in a test, a notebook or under Ray. It raises on any error; the
+caller (the orchestrator) records failures. It knows nothing of Ray, the orchestrator or the
+result store.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import resource
+import sys
+import time
+from datetime import UTC, datetime
+
+import torch
+from slimsweep.workers.data import prepare
+from slimsweep.workers.families import load_model
+from slimsweep.workers.spec import EpochRow, SpecError, TrialResult, TrialSpec
+from slimsweep.workers.train import (
+    OnEpoch,
+    accuracy,
+    majority_accuracy,
+    per_class_accuracy,
+    resolve_device,
+    seed_everything,
+    train,
+)
+
+VERSIONED = ("torch", "transformers", "datasets", "slimsweep")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = ""
+    return out
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the most memory tensors held; CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def run_trial(
+    spec: TrialSpec, *, on_epoch: OnEpoch | None = None, resume_from: str | None = None
+) -> tuple[TrialResult, list[EpochRow]]:
+    """Load the truncated model, prepare the data, train, select, test; see `train.train`
+    for `on_epoch` (per-epoch rows and restart checkpoints) and `resume_from`."""
+    started = datetime.now(UTC).isoformat()
+    t0 = time.monotonic()
+    device = resolve_device(spec.runtime.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(
+            f"trial {spec.trial_id}: runtime.device is cuda but this machine has no usable GPU; "
+            f"set runtime.device: auto or cpu"
+        )
+    seed_everything(spec.seed, device)
+    loaded = load_model(spec)
+    data = prepare(spec, loaded.tokenizer, loaded.context_length)
+    model = loaded.model.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out = train(
+        spec,
+        model,
+        data,
+        pad_id=loaded.tokenizer.pad_token_id,
+        device=device,
+        on_epoch=on_epoch,
+        resume_from=resume_from,
+    )
+    labels = [e.label for e in data.test]
+    result = TrialResult(
+        trial_id=spec.trial_id,
+        status="ok",
+        spec_json=spec.to_json(),
+        kept_layers=loaded.kept_layers,
+        n_params=loaded.n_params,
+        best_epoch=out.best_epoch,
+        epochs_run=len(out.rows),
+        val_acc=out.val_acc,
+        test_acc=accuracy(out.test_preds, labels),
+        test_acc_per_class=per_class_accuracy(out.test_preds, labels, spec.task.n_classes),
+        n_train=len(data.train),
+        n_valid=len(data.valid),
+        n_test=len(data.test),
+        majority_test_acc=majority_accuracy(labels),
+        train_tokens=out.train_tokens,
+        wall_s=out.earlier_s + time.monotonic() - t0,
+        peak_mem_bytes=peak_memory_bytes(device),
+        device=device_name(device),
+        versions_json=json.dumps(versions(), sort_keys=True),
+        manifest_json=json.dumps(data.manifest, sort_keys=True),
+        started_at=started,
+        finished_at=datetime.now(UTC).isoformat(),
+    )
+    return result, list(out.rows)
