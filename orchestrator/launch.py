@@ -423,6 +423,13 @@ def _trial_error(trial: Any) -> BaseException:
 # --- launch --------------------------------------------------------------------------------
 
 
+def print_line(line: str) -> None:
+    """The default `echo`. A module function, so Tune pickles it by reference: Ray Tune swaps
+    `builtins.print` for its own once its progress bars start, and the original `print`
+    captured as a default argument would then no longer pickle."""
+    print(line, flush=True)
+
+
 @dataclass(frozen=True)
 class LaunchSummary:
     grid: str
@@ -468,7 +475,7 @@ def launch(
     resume: bool = False,
     dry_run: bool = False,
     *,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] = print_line,
     trial_fn: TrialFn | None = None,
 ) -> LaunchSummary:
     """Run the grid's missing trials on Ray Tune; results land in `results_root` (the grid's

@@ -3,7 +3,9 @@ progress, and the record that travels from a trial to the driver."""
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
+import inspect
 import math
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from slimsweep.orchestrator.launch import (
     KNOWN_CONFIGS,
     Cluster,
     Tally,
+    _make_callback,
     decode_record,
     encode_record,
     estimate_params,
@@ -224,3 +227,16 @@ def test_progress_line_counts_and_estimates_time_left():
     # 5 left on 2 lanes: 3 rounds of a 60 s mean
     assert tally.eta_s() == 180.0
     assert tally.line() == "done 1/6 | running 1 | failed 0 | pending 4 | ETA 3m00s"
+
+
+def test_launch_default_printer_pickles_after_ray_tune_replaces_print(monkeypatch, tmp_path):
+    """Tune pickles its callbacks when the Tuner is built; once Ray's progress bars start,
+    `builtins.print` is Ray's `safe_print`, and a `print` captured before that (as a default
+    argument is) no longer pickles."""
+    from ray import cloudpickle
+    from ray.experimental.tqdm_ray import safe_print
+
+    default_echo = inspect.signature(launch).parameters["echo"].default
+    monkeypatch.setattr(builtins, "print", safe_print)
+    callback = _make_callback(Store(str(tmp_path / "res")), Tally(total=1), default_echo)
+    assert cloudpickle.loads(cloudpickle.dumps(callback)) is not None
