@@ -153,7 +153,7 @@ def output_logits(
     With `cache` (a prefix's KV cache expanded over the batch), `batch` holds only the query
     tokens; the attention mask then covers the prefix too."""
     mask = batch.attention_mask
-    extra = {}
+    extra: dict = {"use_cache": False}  # training and cache-less evaluation keep no KV cache
     if cache is not None:
         prefix = torch.ones(
             (mask.shape[0], cache.get_seq_length()), dtype=mask.dtype, device=mask.device
