@@ -105,6 +105,22 @@ def family_of(model_type: str) -> Family:
     )
 
 
+def compile_layers(model: torch.nn.Module) -> None:
+    """`torch.compile` each decoder layer in place (runtime.compile). Compiling the repeated
+    block rather than the whole model keeps compile time independent of depth (every layer
+    reuses one compiled graph) and leaves the family's attribute paths intact. Shapes are
+    dynamic: prompts differ in length from one step to the next.
+
+    Inductor's own dropout RNG would draw other masks than eager PyTorch (GPT-2 and OPT train
+    with dropout), changing results beyond float noise; `fallback_random` keeps eager's random
+    ops, so a compiled trial computes what its trial_id says."""
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = True
+    for layer in family_of(model.config.model_type).get(model, "layers"):
+        layer.compile(dynamic=True)
+
+
 def head_module(model: torch.nn.Module, head: str) -> torch.nn.Module:
     """The output head of a model loaded for trial head `head` (LM head or classifier)."""
     return getattr(model, HEAD_ATTR[head])

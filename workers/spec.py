@@ -95,8 +95,8 @@ class RuntimeSpec:
     last_position_logits: bool = True
     prefix_cache: bool = True
     eval_batch_size: int = 0  # 0: chosen from free memory (32 on CPU)
-    fused_adamw: bool = True  # only takes effect on CUDA
-    compile: bool = False
+    fused_adamw: bool = True  # one fused AdamW kernel (CPU and CUDA); false: the per-tensor loop
+    compile: bool = False  # torch.compile each decoder layer (families.compile_layers)
     checkpoint_every: int = 1  # epochs between restart checkpoints; 0: none
     cache_dir: str | None = None  # de-quantised / downloaded models, shared by trials
 

@@ -217,3 +217,26 @@ def test_padded_training_batches_count_real_tokens_only(tiny_models) -> None:
     out = fit(make_spec(tiny_models["opt"], epochs=1, batch_size=3))
     train = make_data(AutoTokenizer.from_pretrained(tiny_models["opt"])).train
     assert out.train_tokens == sum(len(e.input_ids) for e in train)
+
+
+def with_runtime(spec: TrialSpec, **runtime) -> TrialSpec:
+    return dataclasses.replace(spec, runtime=dataclasses.replace(spec.runtime, **runtime))
+
+
+def close_numbers(a: train_mod.TrainOutcome, b: train_mod.TrainOutcome) -> None:
+    """Equal within float noise: losses to 1e-5, the same accuracies and predictions."""
+    assert [r.train_loss for r in a.rows] == pytest.approx([r.train_loss for r in b.rows], 1e-5)
+    assert [r.val_acc for r in a.rows] == [r.val_acc for r in b.rows]
+    assert a.test_preds == b.test_preds
+
+
+def test_fused_adamw_equals_the_per_tensor_loop(tiny_models) -> None:
+    spec = make_spec(tiny_models["llama"], epochs=2)
+    close_numbers(fit(spec), fit(with_runtime(spec, fused_adamw=False)))
+
+
+@pytest.mark.slow  # Inductor compiles C++ on the CPU: ~20-50 s per family
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # GPT-2 trains with dropout, Llama not
+def test_compiled_layers_give_the_eager_numbers(tiny_models, family: str) -> None:
+    spec = make_spec(tiny_models[family], epochs=2)
+    close_numbers(fit(with_runtime(spec, compile=True)), fit(spec))
