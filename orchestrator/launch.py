@@ -45,6 +45,7 @@ TrialFn = Callable[..., tuple[TrialResult, list[EpochRow]]]
 
 RECORD_KEY = "slimsweep_record"
 TUNE_DIR = "_tune"  # Tune's own state and checkpoints, under the grid's results root
+PROGRESS_EVERY_S = 2.0
 
 # --- GPU packing ---------------------------------------------------------------------------
 
@@ -340,24 +341,33 @@ def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> A
     from ray import tune
 
     class Recorder(tune.Callback):
-        """Writes each trial's record to the store as it arrives; prints a progress line
-        whenever the counts change."""
+        """Writes each trial's record to the store as it arrives; prints a progress line when
+        the counts have changed, at most every PROGRESS_EVERY_S (a reused actor starts its next
+        trial right after the last one ends: one line for both, not two)."""
 
         def __init__(self) -> None:
             self.started: dict[str, float] = {}
             self.recorded: set[str] = set()
             self.last = ""
+            self.shown_at = -math.inf
 
         def _show(self) -> None:
             line = tally.line()
             if line != self.last:
                 echo(time.strftime("%H:%M:%S ") + line)
                 self.last = line
+                self.shown_at = time.monotonic()
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            if time.monotonic() - self.shown_at >= PROGRESS_EVERY_S:
+                self._show()
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            self._show()
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             tally.start(trial.trial_id)
             self.started.setdefault(trial.trial_id, time.monotonic())
-            self._show()
 
         def on_trial_result(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
@@ -380,11 +390,9 @@ def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> A
                 start = self.started.get(trial.trial_id, time.monotonic())
                 tally.durations.append(time.monotonic() - start)
             tally.running.discard(trial.trial_id)
-            self._show()
 
         def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             tally.retries += 1
-            self._show()
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             """Out of retries (process or node lost max_failures + 1 times)."""
@@ -397,7 +405,6 @@ def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> A
             tally.failed += 1
             first = f"{type(error).__name__}: {error}".splitlines()[0]
             echo(f"trial {spec.trial_id} failed: {first}")
-            self._show()
 
     return Recorder()
 
