@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -277,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     except (GridError, SpecError) as e:
         print(f"slimsweep: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`slimsweep plan ... | head`): stop quietly, and keep Python
+        # from failing again while it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -144,3 +144,15 @@ def test_cli_plan_prints_counts_and_exits_2_on_bad_grid(tmp_path, capsys):
     assert main(["plan", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_output_cut_short_by_its_reader_ends_without_a_traceback():
+    import subprocess
+    import sys
+
+    # The JSON plan of the paper grid (~90 KB) overflows a pipe's 64 KB buffer: the writer
+    # meets the closed pipe for certain.
+    cmd = f"'{sys.executable}' -m slimsweep.orchestrator.cli plan '{GRIDS / 'paper.yaml'}' "
+    out = subprocess.run(cmd + "--format json | head -c 1", shell=True, capture_output=True)
+    assert out.stdout.decode() == "["
+    assert out.stderr.decode() == ""
