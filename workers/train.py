@@ -255,6 +255,33 @@ def make_optimizer(spec: TrialSpec, model: nn.Module):
     )
 
 
+def train_step(
+    spec: TrialSpec,
+    model: nn.Module,
+    examples: Sequence[Encoded],
+    label_ids: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    pad_id: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """One optimiser step on `examples`; returns the loss, detached and still on the device
+    (reading it would synchronise the host every step)."""
+    with autocast(spec.train.precision, device):
+        loss = batch_loss(
+            model,
+            HEADS[spec.head],
+            examples,
+            label_ids,
+            lm_loss=spec.train.lm_loss,
+            pad_id=pad_id,
+            last_position=spec.runtime.last_position_logits,
+        )
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def train(
     spec: TrialSpec,
     model: nn.Module,
@@ -304,20 +331,7 @@ def train(
         steps = 0
         for i in range(0, n, cfg.batch_size):
             examples = [data.train[j] for j in order[i : i + cfg.batch_size]]
-            with autocast(cfg.precision, device):
-                loss = batch_loss(
-                    model,
-                    head,
-                    examples,
-                    label_ids,
-                    lm_loss=cfg.lm_loss,
-                    pad_id=pad_id,
-                    last_position=runtime.last_position_logits,
-                )
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
+            loss_sum += train_step(spec, model, examples, label_ids, optimizer, pad_id, device)
             state.train_tokens += sum(len(e.input_ids) for e in examples)
             steps += 1
         valid = data.valid
