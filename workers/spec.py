@@ -98,6 +98,9 @@ class RuntimeSpec:
     fused_adamw: bool = True  # one fused AdamW kernel (CPU and CUDA); false: the per-tensor loop
     compile: bool = False  # torch.compile each decoder layer (families.compile_layers)
     checkpoint_every: int = 1  # epochs between restart checkpoints; 0: none
+    # ... and at least this many seconds between two (a checkpoint of a 1.5B-parameter model
+    # is ~19 GB to write); 0: every `checkpoint_every` epochs
+    checkpoint_min_s: float = 300.0
     cache_dir: str | None = None  # de-quantised / downloaded models, shared by trials
 
 

@@ -4,11 +4,12 @@ One loop for every head (see `heads`). The model is selected on validation accur
 best epoch's weights are kept (a CPU copy) and tested. No per-step host sync: the epoch's
 loss is summed on the device and read once per epoch.
 
-Restarts: every `runtime.checkpoint_every` epochs the loop writes what it needs to go on
-(model, optimiser, RNG states, history, best weights) into a fresh temporary folder, hands
-it to `on_epoch` and removes it when `on_epoch` returns (copy it there to keep it). Given
-that folder as `resume_from`, the loop continues with the next epoch and ends exactly as an
-uninterrupted run would.
+Restarts: at the end of an epoch, when a checkpoint is due (`checkpoint_due`: every
+`runtime.checkpoint_every` epochs, and at least `runtime.checkpoint_min_s` after the last one),
+the loop writes what it needs to go on (model, optimiser, RNG states, history, best weights)
+into a fresh temporary folder, hands it to `on_epoch` and removes it when `on_epoch` returns
+(copy it there to keep it). Given that folder as `resume_from`, the loop continues with the
+next epoch and ends exactly as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -243,6 +244,15 @@ def _load(
     )
 
 
+def checkpoint_due(runtime: RuntimeSpec, epoch: int, since_last_s: float) -> bool:
+    """Whether the end of `epoch` (1-based) writes a restart checkpoint, `since_last_s`
+    seconds after the previous one (or the start of this run). A checkpoint holds weights and
+    AdamW moments, 12 bytes per parameter (~19 GB for GPT2-XL), so the time floor bounds what
+    writing them costs, and also what a restart can lose."""
+    every = runtime.checkpoint_every
+    return every > 0 and epoch % every == 0 and since_last_s >= runtime.checkpoint_min_s
+
+
 def make_optimizer(spec: TrialSpec, model: nn.Module):
     """AdamW; fused (one kernel over all parameters) on CPU and CUDA unless the runtime says
     no. On CPU the fused kernel is ~9x faster than torch's default per-tensor loop for a
@@ -323,6 +333,7 @@ def train(
         return logits.argmax(dim=1).tolist()
 
     n = len(data.train)
+    last_checkpoint = t0
     while state.epoch < cfg.epochs and not should_stop(state.val_history, cfg.patience):
         start = time.monotonic()
         model.train()
@@ -343,9 +354,11 @@ def train(
         row = EpochRow(spec.trial_id, state.epoch, loss_sum.item() / steps, val_acc, wall)
         state.rows.append(row)
         if on_epoch is not None:
-            due = runtime.checkpoint_every > 0 and state.epoch % runtime.checkpoint_every == 0
-            elapsed = state.elapsed_s + time.monotonic() - t0
-            folder = _save(state, elapsed, model, optimizer, gen) if due else None
+            folder = None
+            if checkpoint_due(runtime, state.epoch, time.monotonic() - last_checkpoint):
+                elapsed = state.elapsed_s + time.monotonic() - t0
+                folder = _save(state, elapsed, model, optimizer, gen)
+                last_checkpoint = time.monotonic()
             try:
                 on_epoch(row, folder)
             finally:

@@ -35,7 +35,7 @@ def make_spec(folder: Path, task: TaskSpec, head: str = "prompt-lm", **train) ->
         seed=1,
         data=DataSpec(train_size=8, valid_size=8, test_size=8),
         train=TrainSpec(**{"lr": 1e-3, "epochs": 2, "patience": 2, **train}),
-        runtime=RuntimeSpec(device="cpu"),
+        runtime=RuntimeSpec(device="cpu", checkpoint_min_s=0),  # every epoch
     )
 
 

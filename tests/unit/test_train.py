@@ -79,7 +79,7 @@ def make_spec(folder: Path, **train) -> TrialSpec:
         seed=3,
         data=DataSpec(train_size=8, valid_size=6, test_size=6),
         train=TrainSpec(**{"lr": 1e-3, "epochs": 3, "patience": 3, **train}),
-        runtime=RuntimeSpec(device="cpu"),
+        runtime=RuntimeSpec(device="cpu", checkpoint_min_s=0),  # every epoch
     )
 
 
@@ -91,6 +91,10 @@ def fit(spec: TrialSpec, **kw) -> train_mod.TrainOutcome:
     return train_mod.train(
         spec, loaded.model, data, pad_id=loaded.tokenizer.pad_token_id, device=CPU, **kw
     )
+
+
+def with_runtime(spec: TrialSpec, **runtime) -> TrialSpec:
+    return dataclasses.replace(spec, runtime=dataclasses.replace(spec.runtime, **runtime))
 
 
 def numbers(rows) -> list[tuple]:
@@ -182,9 +186,19 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(
     assert resumed.train_tokens == whole.train_tokens
 
 
+def test_checkpoints_are_due_every_n_epochs_and_no_sooner_than_the_time_floor() -> None:
+    due = train_mod.checkpoint_due
+    every_2 = RuntimeSpec(checkpoint_every=2, checkpoint_min_s=0)
+    assert [due(every_2, epoch, 0.0) for epoch in (1, 2, 3, 4)] == [False, True, False, True]
+    floor = RuntimeSpec(checkpoint_every=1, checkpoint_min_s=300)
+    assert not due(floor, 7, 299.0) and due(floor, 7, 300.0)
+    assert not due(RuntimeSpec(checkpoint_every=0, checkpoint_min_s=0), 1, 1e9)
+    assert RuntimeSpec().checkpoint_min_s == 300  # by default at most one per 5 minutes
+
+
 def test_checkpoints_only_every_n_epochs(tiny_models) -> None:
     spec = make_spec(tiny_models["gpt2"], epochs=3)
-    spec = dataclasses.replace(spec, runtime=RuntimeSpec(device="cpu", checkpoint_every=2))
+    spec = with_runtime(spec, checkpoint_every=2)
     folders: list[str | None] = []
     fit(spec, on_epoch=lambda row, folder: folders.append(folder))
     assert [f is not None for f in folders] == [False, True, False]
@@ -217,10 +231,6 @@ def test_padded_training_batches_count_real_tokens_only(tiny_models) -> None:
     out = fit(make_spec(tiny_models["opt"], epochs=1, batch_size=3))
     train = make_data(AutoTokenizer.from_pretrained(tiny_models["opt"])).train
     assert out.train_tokens == sum(len(e.input_ids) for e in train)
-
-
-def with_runtime(spec: TrialSpec, **runtime) -> TrialSpec:
-    return dataclasses.replace(spec, runtime=dataclasses.replace(spec.runtime, **runtime))
 
 
 def close_numbers(a: train_mod.TrainOutcome, b: train_mod.TrainOutcome) -> None:
