@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("launch", help="run the grid's missing trials on Ray Tune")
     sp.add_argument("grid")
-    sp.add_argument("--address", help="join a Ray cluster: auto or ray://HOST:10001")
+    sp.add_argument("--address", help="join a running Ray cluster: auto (on its head) or HOST:PORT")
     sp.add_argument("--results", help="results root, a folder or URI (s3://, gs://)")
     sp.add_argument("--max-concurrent", type=int, help="at most N trials at once")
     sp.add_argument("--resume", action="store_true", help="also rerun failed trials")

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -47,6 +48,7 @@ TrialFn = Callable[..., tuple[TrialResult, list[EpochRow]]]
 RECORD_KEY = "slimsweep_record"
 TUNE_DIR = "_tune"  # Tune's own state and checkpoints, under the grid's results root
 PROGRESS_EVERY_S = 2.0
+ADDRESS_PROBE_S = 5.0  # how long `--address` may take to answer before launch gives up
 
 # --- GPU packing ---------------------------------------------------------------------------
 
@@ -433,6 +435,35 @@ def launch(
     return dataclasses.replace(summary, ok=tally.ok, failed=tally.failed, retries=tally.retries)
 
 
+def check_address(address: str) -> None:
+    """GridError unless `address` is auto or a HOST:PORT something answers at (ray.init
+    retries a dead address forever). Ray Client (ray://) is refused: under it Tune runs its
+    driver, and so slimsweep's result writer and progress, as an actor on the head, where
+    results and output would stay."""
+    if address == "auto":
+        return
+    if address.startswith("ray://"):
+        raise GridError(
+            f"--address {address}: Ray Client runs Tune's driver on the head, so results and "
+            f"progress would stay there; run `slimsweep launch GRID --address auto` on the "
+            f"head, or submit it from here: `ray job submit --address http://HEAD:8265 -- "
+            f"slimsweep launch GRID --address auto` (docs/cluster.md)"
+        )
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise GridError(
+            f"--address {address}: expected auto or the head's HOST:PORT (e.g. 10.0.0.1:6379)"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=ADDRESS_PROBE_S).close()
+    except OSError as e:
+        raise GridError(
+            f"--address {address}: no Ray head answers at {host}:{port} "
+            f"({e.strerror or type(e).__name__}); check the address (`ray status` on the head "
+            f"prints it), start the cluster, or leave --address out to run on a local Ray"
+        ) from e
+
+
 def _connect(address: str | None) -> tuple[Any, bool]:
     """(ray, whether we started it). Without an address: reuse a running Ray of this process,
     or start a local one sized to the machine."""
@@ -441,7 +472,15 @@ def _connect(address: str | None) -> tuple[Any, bool]:
     if ray.is_initialized():
         return ray, False
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        check_address(address)
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            first = (str(e).strip() or type(e).__name__).splitlines()[0]
+            raise GridError(
+                f"--address {address}: cannot join the Ray cluster: {first} "
+                f"(or leave --address out to run on a local Ray)"
+            ) from e
         return ray, True
     # A head started here serves only this process: no token needed (Ray >= 2.5x asks one).
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

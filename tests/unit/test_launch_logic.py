@@ -7,6 +7,7 @@ import builtins
 import dataclasses
 import inspect
 import math
+import socket
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,30 @@ def test_launch_default_printer_pickles_after_ray_tune_replaces_print(monkeypatc
     monkeypatch.setattr(builtins, "print", safe_print)
     callback = _make_callback(Store(str(tmp_path / "res")), Tally(total=1), default_echo)
     assert cloudpickle.loads(cloudpickle.dumps(callback)) is not None
+
+
+def free_port() -> int:
+    """A port nothing listens at (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_address_nothing_answers_at_fails_at_once_naming_the_flag(grid, tmp_path):
+    address = f"127.0.0.1:{free_port()}"  # ray.init would retry it forever
+    with pytest.raises(GridError, match=rf"--address {address}: no Ray head answers"):
+        launch(grid, str(tmp_path / "res"), address=address, echo=lambda _: None)
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("head-node", "--address head-node: expected auto or the head's HOST:PORT"),
+        ("ray://10.0.0.1:10001", "Ray Client runs Tune's driver on the head"),
+    ],
+)
+def test_an_address_launch_cannot_use_is_one_line_naming_the_fix(grid, capsys, address, expected):
+    assert main(["launch", grid.path, "--address", address]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
+    assert "ray job submit" in err or "HOST:PORT" in err
