@@ -21,6 +21,7 @@ from slimsweep.workers.spec import (
     LABEL_WORD_RULES,
     LM_LOSSES,
     OVERFLOW_RULES,
+    PKG_PREFIX,
     PRECISIONS,
     DataSpec,
     ModelSpec,
@@ -307,7 +308,7 @@ def _unknown(what: str, value: Any, valid: tuple[str, ...]) -> str:
 
 def _resolve_source(source: str, base: Path) -> str:
     """Local paths are made absolute (relative to the grid file); hub ids stay as written."""
-    if source.startswith("pkg:"):
+    if source.startswith(PKG_PREFIX):
         return source
     local = (base / source) if not Path(source).is_absolute() else Path(source)
     if source.startswith((".", "/", "~")) or local.exists():

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-PKG_PREFIX = "pkg:"
+from slimsweep.workers.spec import PKG_PREFIX
 
 _GPT2 = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024}
 _OPT = {"model_type": "opt", "vocab_size": 50272, "max_position_embeddings": 2048}

@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from slimsweep.workers.spec import SpecError, TrialSpec
+from slimsweep.workers.spec import PKG_PREFIX, SpecError, TrialSpec
 
-PKG_PREFIX = "pkg:"
 DEFAULT_CACHE = Path.home() / ".cache" / "slimsweep"
 
 

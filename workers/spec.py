@@ -21,6 +21,7 @@ LM_LOSSES = ("label-words", "full-vocab")
 LABEL_WORD_RULES = ("single-token", "first-subtoken")
 OVERFLOW_RULES = ("error", "truncate-left")
 TASK_KINDS = ("hub", "files", "synthetic")
+PKG_PREFIX = "pkg:"  # a model source inside an installed Python package: pkg:<package>
 
 
 @dataclass(frozen=True)
