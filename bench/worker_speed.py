@@ -86,7 +86,7 @@ from slimsweep.orchestrator.launch import gpu_fraction  # noqa: E402
 from slimsweep.orchestrator.models import estimate_params, model_config  # noqa: E402
 from slimsweep.orchestrator.plan import expand  # noqa: E402
 from slimsweep.workers.data import PROMPT_HEADS  # noqa: E402
-from slimsweep.workers.families import family_of  # noqa: E402
+from slimsweep.workers.families import auto_class, family_of  # noqa: E402
 from slimsweep.workers.heads import HEADS, predict_logits  # noqa: E402
 from slimsweep.workers.spec import RuntimeSpec, TrialSpec  # noqa: E402
 from slimsweep.workers.train import (  # noqa: E402
@@ -135,7 +135,8 @@ class Variant:
 
 _DEFAULTS = RuntimeSpec()
 VARIANTS: dict[str, Variant] = {
-    # The plain HF worker of the baseline: fp32, full logits, foreach AdamW, one query at a time.
+    # The plain HF worker of the baseline: fp32, full logits, torch's default AdamW (foreach
+    # on CUDA, per-tensor on CPU), one query at a time.
     "naive": Variant(
         "fp32",
         (
@@ -242,11 +243,11 @@ def shape_config(source: str, tiny: bool) -> dict[str, Any]:
 
 def grid_shapes(specs: Sequence[TrialSpec], tiny: bool) -> list[Shape]:
     """The distinct (model, depth) pairs of the grid, in grid order."""
-    seen: dict[str, Shape] = {}
-    for s in specs:
-        shape = Shape(s.model.name, s.layers, tuple(shape_config(s.model.source, tiny).items()))
-        seen.setdefault(shape.key, shape)
-    return list(seen.values())
+    sources = {(s.model.name, s.layers): s.model.source for s in specs}
+    return [
+        Shape(name, layers, tuple(shape_config(source, tiny).items()))
+        for (name, layers), source in sources.items()
+    ]
 
 
 @dataclass(frozen=True)
@@ -291,18 +292,16 @@ def make_data(head: str, vocab: int, n_train: int, n_eval: int, st: Settings) ->
 def build_model(shape: Shape, head: str, classes: int, device: torch.device) -> nn.Module:
     """Random-init model of `shape` with the class `workers.families.load_model` uses for
     `head`, created directly on `device`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     fields = shape.config_dict()
     cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
     setattr(cfg, family_of(cfg.model_type).layer_key, shape.layers)
-    auto = AutoModelForCausalLM
     if head != "prompt-lm":
         cfg.num_labels = classes
-        auto = AutoModelForSequenceClassification
     torch.manual_seed(0)
     with torch.device(device):
-        return auto.from_config(cfg, dtype=torch.float32)
+        return auto_class(head).from_config(cfg, dtype=torch.float32)
 
 
 # --- timing ----------------------------------------------------------------------------------

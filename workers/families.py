@@ -135,7 +135,8 @@ class LoadedModel:
     context_length: int
 
 
-def _auto_class(head: str) -> Any:
+def auto_class(head: str) -> Any:
+    """The transformers Auto class a trial head loads: causal LM or sequence classification."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     return AutoModelForCausalLM if head == "prompt-lm" else AutoModelForSequenceClassification
@@ -279,7 +280,7 @@ def load_model(spec: TrialSpec) -> LoadedModel:
         # The new classifier is initialised from torch's global generator: seed it per trial.
         torch.manual_seed(spec.seed)
         try:
-            model, info = _auto_class(spec.head).from_pretrained(
+            model, info = auto_class(spec.head).from_pretrained(
                 source, config=config, dtype=torch.float32, output_loading_info=True, **kwargs
             )
         except OSError as err:
