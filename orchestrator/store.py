@@ -62,10 +62,19 @@ RESULT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("n_valid", pa.int64()),
     pa.field("n_test", pa.int64()),
     pa.field("majority_test_acc", pa.float64()),
+    pa.field("n_trainable_params", pa.int64()),
+    pa.field("selection_scores_json", pa.string()),
+    pa.field("model_commit", pa.string()),
+    pa.field("dataset_fingerprint", pa.string()),
     pa.field("train_tokens", pa.int64()),
     pa.field("wall_s", pa.float64()),
     pa.field("peak_mem_bytes", pa.int64()),
     pa.field("device", pa.string()),
+    pa.field("node", pa.string()),
+    pa.field("attempt", pa.int64()),
+    pa.field("bundle_id", pa.string()),
+    pa.field("bundle_size", pa.int64()),
+    pa.field("saved_model", pa.string()),
     pa.field("versions_json", pa.string()),
     pa.field("manifest_json", pa.string()),
     pa.field("started_at", pa.string()),
@@ -83,6 +92,8 @@ AXIS_FIELDS: tuple[pa.Field, ...] = (
     pa.field("task", pa.string()),
     pa.field("head", pa.string()),
     pa.field("seed", pa.int64()),
+    pa.field("selection", pa.string()),
+    pa.field("finetune", pa.string()),
 )
 
 # Resolved spec settings worth filtering on without parsing spec_json (which keeps them all).

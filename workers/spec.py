@@ -106,6 +106,49 @@ class RuntimeSpec:
 
 
 @dataclass(frozen=True)
+class CalibrationSpec:
+    """The text score-based selections run the full model on (see `SelectionSpec`)."""
+
+    source: str = "task"  # task (the trial's own train split) | synthetic | file
+    name: str = ""  # a synthetic generator name, or a file path; "" for source task
+    n_examples: int = 64
+    max_tokens: int = 128
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    """Which `layers` of the model are kept. The default, first-k, is the paper's rule."""
+
+    method: str = "first-k"
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+
+    @property
+    def label(self) -> str:
+        return self.method
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """What trains after pruning. The default, full, is the paper's rule."""
+
+    mode: str = "full"  # full | head-only | last-n | lora | qlora
+    last_n: int = 0  # last-n: how many of the last kept layers train
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ()  # (): the family's default target modules
+
+    @property
+    def label(self) -> str:
+        return f"last-{self.last_n}" if self.mode == "last-n" else self.mode
+
+
+# Fields added after trial ids were first published: left out of the identity while at their
+# default, so the trials of grids that do not use them keep their ids.
+LATER_FIELDS: dict[str, Any] = {"selection": SelectionSpec(), "finetune": FinetuneSpec()}
+
+
+@dataclass(frozen=True)
 class TrialSpec:
     grid: str
     model: ModelSpec
@@ -113,6 +156,8 @@ class TrialSpec:
     task: TaskSpec
     head: str
     seed: int
+    selection: SelectionSpec = field(default_factory=SelectionSpec)
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
@@ -121,6 +166,9 @@ class TrialSpec:
         """The fields that decide what is computed (the grid name and runtime are not)."""
         d = dataclasses.asdict(self)
         del d["grid"], d["runtime"]
+        for name, default in LATER_FIELDS.items():
+            if getattr(self, name) == default:
+                del d[name]
         return d
 
     @property
@@ -136,6 +184,10 @@ class TrialSpec:
         task = dict(d["task"])
         task["label_words"] = tuple(task["label_words"])
         task["data_files"] = tuple(tuple(p) for p in task.get("data_files", ()))
+        selection = dict(d.get("selection", {}))
+        selection["calibration"] = CalibrationSpec(**selection.get("calibration", {}))
+        finetune = dict(d.get("finetune", {}))
+        finetune["lora_targets"] = tuple(finetune.get("lora_targets", ()))
         return cls(
             grid=d["grid"],
             model=ModelSpec(**d["model"]),
@@ -143,6 +195,8 @@ class TrialSpec:
             task=TaskSpec(**task),
             head=d["head"],
             seed=int(d["seed"]),
+            selection=SelectionSpec(**selection),
+            finetune=FinetuneSpec(**finetune),
             data=DataSpec(**d.get("data", {})),
             train=TrainSpec(**d.get("train", {})),
             runtime=RuntimeSpec(**d.get("runtime", {})),
@@ -162,6 +216,8 @@ class TrialSpec:
             "task": self.task.name,
             "head": self.head,
             "seed": self.seed,
+            "selection": self.selection.label,
+            "finetune": self.finetune.label,
         }
 
 
@@ -192,10 +248,19 @@ class TrialResult:
     n_valid: int = 0
     n_test: int = 0
     majority_test_acc: float = float("nan")
+    n_trainable_params: int = 0
+    selection_scores_json: str = "{}"  # per-layer scores of a score-based selection
+    model_commit: str = ""  # the resolved revision of the model's weights
+    dataset_fingerprint: str = ""  # what identifies the data read (hub fingerprint, digest)
     train_tokens: int = 0
     wall_s: float = 0.0
     peak_mem_bytes: int = 0
     device: str = ""
+    node: str = ""  # the Ray node (or host) that ran the trial
+    attempt: int = 1  # 1 + the retries before this record
+    bundle_id: str = ""  # the fused bundle the trial trained in; "" when alone
+    bundle_size: int = 1
+    saved_model: str = ""  # store-relative folder of the kept weights; "" when none
     versions_json: str = "{}"
     manifest_json: str = "{}"
     started_at: str = ""
