@@ -162,6 +162,14 @@ def _default_trial_fn() -> TrialFn:
     return run_trial
 
 
+def trial_node() -> str:
+    """HOST/NODE_ID of the Ray node running this process: the host to find its logs on, the
+    node id because several nodes can share a host (containers, `ray start` twice)."""
+    import ray
+
+    return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()}"
+
+
 def run_one(config: dict[str, Any], trial_fn: TrialFn | None = None) -> None:
     """One Tune trial: run the spec, report each epoch (with its restart checkpoint) and
     finally the record, which is the trial's failure record if it raised."""
@@ -185,14 +193,15 @@ def run_one(config: dict[str, Any], trial_fn: TrialFn | None = None) -> None:
 
     started = datetime.now(UTC).isoformat()
     t0 = time.monotonic()
+    node = trial_node()
     restored = tune.get_checkpoint()
     resume_dir = restored.to_directory() if restored else None
     try:
         result, epochs = fn(spec, on_epoch=on_epoch, resume_from=resume_dir)
-        record = encode_record(result, epochs)
+        record = encode_record(dataclasses.replace(result, node=node), epochs)
     except Exception as e:  # recorded as the trial's result; deterministic, so not retried
         failed = failure_result(spec, e, started_at=started, wall_s=time.monotonic() - t0)
-        record = encode_record(failed, [])
+        record = encode_record(dataclasses.replace(failed, node=node), [])
     finally:
         if resume_dir:
             shutil.rmtree(resume_dir, ignore_errors=True)

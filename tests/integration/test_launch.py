@@ -5,6 +5,7 @@ trials, and a failing trial is recorded and completed by `--resume` once its cau
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,8 @@ def test_a_tiny_grid_runs_through_tune_then_only_new_trials_run(
     trials = store.read_trials()
     assert set(trials.status) == {"ok"} and sorted(set(trials.layers)) == [1, 2, 4]
     assert trials.test_acc.between(0, 1).all()
+    node = ray_local.get_runtime_context().get_node_id()  # the one node: this machine
+    assert set(trials.node) == {f"{socket.gethostname()}/{node}"}
 
     again = launch(grid, results)
     assert again.to_run == () and again.exit_code == 0
