@@ -3,7 +3,7 @@ from Debian's slurm-wlm, configured and keyed in a temp dir) takes the script wi
 which starts Ray on the allocation, runs a tiny grid (tiny GPT-2) with
 `slimsweep launch GRID --address auto`, and stops Ray at the end.
 
-Marked slow (about 2 minutes): `.venv/bin/pytest -m slow tests/integration/test_slurm.py`.
+Marked slow (about 3 minutes): `.venv/bin/pytest -m slow tests/integration/test_slurm.py`.
 Needs root and `apt-get install -y slurm-wlm munge` (docs/cluster.md); skipped otherwise, as
 in CI, which installs no system packages.
 """
@@ -29,7 +29,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "docker" / "slurm" / "slimsweep.s
 # Daemons live in /usr/sbin, which a user's PATH may lack.
 BIN = {
     name: shutil.which(name, path=f"{os.environ['PATH']}:/usr/sbin") or ""
-    for name in ("munged", "slurmctld", "slurmd", "sbatch", "sinfo")
+    for name in ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scancel", "squeue")
 }
 MISSING = [name for name, path in BIN.items() if not path]
 
@@ -40,7 +40,7 @@ pytestmark = [
         "apt-get install -y slurm-wlm munge (docs/cluster.md)",
     ),
     pytest.mark.skipif(os.geteuid() != 0, reason="a local slurmd needs root"),
-    pytest.mark.slow,  # about 2 minutes: Ray starts twice under SLURM
+    pytest.mark.slow,  # about 3 minutes: Ray starts three times under SLURM
 ]
 
 SLURM_CONF = """\
@@ -144,10 +144,9 @@ def slurm_conf() -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def sbatch(conf: Path, tmp_path: Path, *args: str) -> tuple[int, str]:
-    """`sbatch --wait` of the script as docs/cluster.md gives it, sized to this machine (one
-    node, its CPUs); (the job's exit status, its output)."""
-    job_out = tmp_path / "job.out"
+def sbatch(conf: Path, tmp_path: Path, *args: str, wait: bool = True) -> tuple[int, str]:
+    """`sbatch` of the script as docs/cluster.md gives it, sized to this machine (one node,
+    its CPUs). With `wait`: (the job's exit status, its output); else (0, the job id)."""
     env = {
         **os.environ,  # RAY_TMPDIR: this test's Ray, which `--address auto` then finds
         "SLURM_CONF": str(conf),
@@ -155,17 +154,28 @@ def sbatch(conf: Path, tmp_path: Path, *args: str) -> tuple[int, str]:
         "RAY_PORT": str(free_port()),
         "RAY_HEAD_ARGS": " ".join(head_ports()),
     }
-    command = [BIN["sbatch"], "--wait", "--nodes=1", f"--cpus-per-task={os.cpu_count()}"]
-    command += [f"--output={job_out}", f"--chdir={tmp_path}", str(SCRIPT), *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
+    job_out = tmp_path / "job.out"
+    command = [BIN["sbatch"], "--wait" if wait else "--parsable", "--nodes=1"]
+    command += [f"--cpus-per-task={os.cpu_count()}", f"--output={job_out}", f"--chdir={tmp_path}"]
+    done = subprocess.run(
+        [*command, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=540
+    )
+    if not wait:
+        assert done.returncode == 0, done.stderr
+        return 0, done.stdout.strip()
     return done.returncode, job_out.read_text() if job_out.exists() else done.stderr
+
+
+def tiny_grid(tmp_path: Path, tiny_models, task_dirs) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(GRID.format(model=tiny_models["gpt2"], data=task_dirs["sst2"]))
+    return path
 
 
 def test_the_sbatch_script_runs_a_tiny_grid_on_ray_and_stops_ray(
     slurm_conf, ray_tmpdir, tiny_models, task_dirs, tmp_path: Path
 ):
-    path = tmp_path / "grid.yaml"
-    path.write_text(GRID.format(model=tiny_models["gpt2"], data=task_dirs["sst2"]))
+    path = tiny_grid(tmp_path, tiny_models, task_dirs)
     root = tmp_path / "results"
     status, out = sbatch(slurm_conf, tmp_path, str(path), str(root))
     assert status == 0, out
@@ -184,4 +194,24 @@ def test_ray_is_stopped_when_the_launch_fails(slurm_conf, ray_tmpdir, tmp_path: 
     status, out = sbatch(slurm_conf, tmp_path, "missing.yaml")
     assert status == 2, out  # the launch's exit status is the job's
     assert "slimsweep: error: missing.yaml" in out
+    wait_for(lambda: not ray_processes(ray_tmpdir), "Ray to stop after the job", 30)
+
+
+def test_ray_is_stopped_when_the_job_is_cancelled_mid_grid(
+    slurm_conf, ray_tmpdir, tiny_models, task_dirs, tmp_path: Path
+):
+    path = tiny_grid(tmp_path, tiny_models, task_dirs)
+    _, job = sbatch(slurm_conf, tmp_path, str(path), str(tmp_path / "results"), wait=False)
+    job_out = tmp_path / "job.out"
+    wait_for(
+        lambda: job_out.exists() and "running 1" in job_out.read_text(), "a running trial", 300
+    )
+    env = {**os.environ, "SLURM_CONF": str(slurm_conf)}
+    subprocess.run([BIN["scancel"], job], env=env, check=True)
+
+    def job_gone() -> bool:
+        queue = [BIN["squeue"], "-h", "-j", job]
+        return not subprocess.run(queue, env=env, capture_output=True, text=True).stdout.strip()
+
+    wait_for(job_gone, "the cancelled job to end", 120)
     wait_for(lambda: not ray_processes(ray_tmpdir), "Ray to stop after the job", 30)
