@@ -2,7 +2,8 @@
 renamed subcommand or flag fails here, naming the doc file and line, not in a user's night.
 
 Commands are taken from code blocks (fenced or indented) and inline code spans of README.md,
-docs/*.md and docker/README.md, wherever `slimsweep` stands as a command: at the start, after
+docs/*.md and docker/README.md, and from the indented header comments of the recipes in
+docker/, wherever `slimsweep` stands as a command: at the start, after
 a shell prompt or `--` (`ray job submit -- slimsweep ...`), or inside a quoted string
 (`ray exec cluster.yaml "slimsweep ..."`). Synopsis syntax is read as such: `[--flag X]` is
 included, `a|b` (or a table's `a\\|b`) tries each alternative, placeholders that must be
@@ -23,6 +24,8 @@ from slimsweep.orchestrator.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ("README.md", "docs/*.md", "docker/README.md")
+# Recipe files whose header comments show commands (indented under `#`, prose is not).
+RECIPES = ("docker/Dockerfile", "docker/**/*.yaml", "docker/**/*.sbatch")
 # Placeholders standing for a number (argparse checks the type); other placeholders (GRID,
 # ID, DIR, URI) are valid strings as they are.
 NUMBERS = {"N": "2", "K": "3", "PORT": "8265", "SECONDS": "60"}
@@ -149,14 +152,31 @@ def _inline(paragraph: list[tuple[int, str]]) -> list[tuple[int, str]]:
     ]
 
 
+def _comment_snippets(text: str) -> list[tuple[int, str]]:
+    """(line number, command) of each comment line indented past `# ` (a command in a
+    recipe's header); a trailing backslash continues on the next comment line."""
+    out: list[tuple[int, str]] = []
+    joining = False
+    for number, line in enumerate(text.splitlines(), 1):
+        match = re.match(r"\s*#(.*)$", line)
+        code = match.group(1) if match else None
+        if joining and code is not None:
+            out[-1] = (out[-1][0], f"{out[-1][1][:-1].rstrip()} {code.strip()}")
+        elif code is not None and code.startswith("  "):
+            out.append((number, code))
+        joining = code is not None and bool(out) and out[-1][1].endswith("\\")
+    return out
+
+
 def doc_commands() -> list[DocCommand]:
     found = []
-    for pattern in DOCS:
-        for path in sorted(ROOT.glob(pattern)):
-            rel = path.relative_to(ROOT)
-            for number, snippet in _snippets(path.read_text()):
-                for argv in commands_in(snippet):
-                    found.append(DocCommand(f"{rel}:{number}", snippet.strip(), tuple(argv)))
+    sources = [(p, _snippets) for pattern in DOCS for p in sorted(ROOT.glob(pattern))]
+    sources += [(p, _comment_snippets) for pattern in RECIPES for p in sorted(ROOT.glob(pattern))]
+    for path, snippets in sources:
+        rel = path.relative_to(ROOT)
+        for number, snippet in snippets(path.read_text()):
+            for argv in commands_in(snippet):
+                found.append(DocCommand(f"{rel}:{number}", snippet.strip(), tuple(argv)))
     return found
 
 
@@ -224,6 +244,14 @@ def test_code_blocks_and_inline_spans_are_found_with_their_line():
         (2, "slimsweep launch GRID --resume"),
         (5, '    slimsweep query "SELECT 1\n      FROM trials" --format csv'),
     ]
+
+
+def test_commands_in_recipe_headers_are_found_across_continued_comment_lines():
+    text = (
+        "# slimsweep on a cluster: prose\n#   ray job submit -- \\\n#       slimsweep plan g.yaml\n"
+    )
+    assert _comment_snippets(text) == [(2, "   ray job submit -- slimsweep plan g.yaml")]
+    assert commands_in(_comment_snippets(text)[0][1]) == [["plan", "g.yaml"]]
 
 
 def test_a_renamed_flag_is_reported_with_the_parser_message():
