@@ -12,6 +12,7 @@ numbers get one. A bare `slimsweep SUBCOMMAND` names the subcommand and checks t
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import re
@@ -97,8 +98,7 @@ def commands_in(snippet: str) -> list[list[str]]:
         for word in rest:
             if _is_operator(word):
                 break
-            if word != "...":
-                argv.append(NUMBERS.get(word, word))
+            argv.append(NUMBERS.get(word, word))
         found += _variants(argv)
     return found
 
@@ -183,9 +183,26 @@ def doc_commands() -> list[DocCommand]:
 DOC_COMMANDS = doc_commands()
 
 
+def _elided_error(words: list[str]) -> str | None:
+    """A command with `...` for some of its words (`slimsweep --debug ...`, `slimsweep
+    launch ... --resume`) cannot be parsed whole: its subcommand and flags must exist."""
+    parser = build_parser()
+    options = set(parser._option_string_actions)  # argparse keeps no public list of these
+    sub = next((w for w in words if not w.startswith("-")), None)
+    if sub is not None:
+        (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if sub not in commands.choices:
+            return f"unknown subcommand {sub!r}"
+        options |= set(commands.choices[sub]._option_string_actions)
+    unknown = [w for w in words if w.startswith("-") and w.split("=")[0] not in options]
+    return f"unknown option(s) {', '.join(unknown)}" if unknown else None
+
+
 def parse_error(argv: tuple[str, ...]) -> str | None:
     """None if the CLI's parser accepts argv, else argparse's message. A lone subcommand
     name is checked with --help (exit 0 if the subcommand exists)."""
+    if "..." in argv:
+        return _elided_error([a for a in argv if a != "..."])
     args = [*argv, "--help"] if len(argv) == 1 and not argv[0].startswith("-") else list(argv)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -260,3 +277,10 @@ def test_a_renamed_flag_is_reported_with_the_parser_message():
     )
     assert parse_error(("lanuch",)) is not None
     assert parse_error(("launch",)) is None  # a subcommand named in prose
+
+
+def test_elided_words_are_checked_as_far_as_they_go():
+    assert parse_error(("launch", "...", "--resume")) is None
+    assert parse_error(("--help", "...")) is None  # a global flag before any command
+    assert parse_error(("launch", "...", "--resum")) == "unknown option(s) --resum"
+    assert parse_error(("lanuch", "...")) == "unknown subcommand 'lanuch'"
