@@ -98,10 +98,11 @@ def differences(spec: TrialSpec, protocol: Protocol) -> list[str]:
     """What keeps `spec` from `protocol`, one phrase per setting; [] when it is the paper's.
     Depth and head are not checked here: the table lookup decides whether the paper has them."""
     out = []
-    sources = PAPER_SOURCES.get(spec.model.name, ())
-    if spec.model.source not in sources or spec.model.gguf_file:
-        paper = sources[0] if sources else "none"
-        out.append(f"model.source {spec.model.source} (paper: {paper})")
+    sources = PAPER_SOURCES.get(spec.model.name)
+    if sources is None:
+        out.append(f"model {spec.model.name} (paper: {', '.join(PAPER_SOURCES)})")
+    elif spec.model.source not in sources or spec.model.gguf_file:
+        out.append(f"model.source {spec.model.source} (paper: {sources[0]})")
     task = TASKS.get(spec.task.name)
     ours = dataclasses.replace(spec.task, revision=None)
     if task is None or ours != task:
