@@ -2,7 +2,8 @@
 names the file, the key path and the fix, before any trial is planned.
 
 The defaults of every section live in the worker's spec dataclasses (`DataSpec`,
-`TrainSpec`, `RuntimeSpec`) and equal the paper's protocol; a grid only states what it changes.
+`TrainSpec`, `RuntimeSpec`) and equal the paper's text protocol (grids/paper.yaml states the
+authors' code's); a grid only states what it changes.
 """
 
 from __future__ import annotations
