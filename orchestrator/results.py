@@ -13,6 +13,10 @@ the number of seeds behind it. Accuracies are shown in percent, as in the paper.
 fewer seeds than expected is "incomplete": expected are the grid's seeds when a grid is given,
 otherwise every seed found in the (filtered) results. The "average" column is the mean over
 tasks of the per-task means (the paper's average), computed only when every task has a result.
+Each cell also carries the mean majority-class accuracy of its trials (the chance level).
+With the paper (`with_paper`), a cell gets the paper's number only where its trials follow
+one of the paper's protocols (`orchestrator.paper`), and an average only the paper's mean over
+the same tasks.
 """
 
 from __future__ import annotations
