@@ -12,6 +12,7 @@ its model source, task, selection, fine-tuning, data and training settings equal
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 import io
 from collections.abc import Mapping
@@ -70,11 +71,15 @@ ERRATA: dict[tuple[str | None, str, int, str], str] = {
 }
 
 
+@functools.cache
+def _tables_text() -> str:
+    return (importlib.resources.files("slimsweep.orchestrator") / "data" / PAPER_CSV).read_text()
+
+
 def reference() -> pd.DataFrame:
     """The paper's Tables II-IV in long form: head, model, layers, params (as printed), task
     (the four tasks and "average"), value (test accuracy, %)."""
-    text = (importlib.resources.files("slimsweep.orchestrator") / "data" / PAPER_CSV).read_text()
-    wide = pd.read_csv(io.StringIO(text), dtype={"params": str})
+    wide = pd.read_csv(io.StringIO(_tables_text()), dtype={"params": str})
     long = wide.melt(id_vars=["head", "model", "layers", "params"], var_name="task")
     return long.astype({"layers": "int64", "value": "float64"})
 
