@@ -72,9 +72,11 @@ class DataSpec:
     valid_size: int = 1000
     test_size: int = 1000
     demos_per_class: int = 1
-    # The authors' released code samples `train_size` examples per class, not in total.
+    # As the authors' released code: `train_size` examples per class (capped at what a class
+    # has left), not in total.
     train_per_class: bool = False
-    # The authors' released code draws indices from [0, len] inclusive (an off-by-one).
+    # slimsweep's approximation of the authors' off-by-one (every draw over [0, len], the extra
+    # index clamped); their code's own draw is `sampler: "authors"`.
     inclusive_index_draw: bool = False
     # Token budget of one prompt; None means the model's context length.
     max_length: int | None = None
