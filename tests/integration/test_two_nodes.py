@@ -8,6 +8,7 @@ trial ends with exactly one row."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -85,7 +86,7 @@ def test_a_grid_runs_on_two_nodes_and_losing_one_mid_trial_loses_nothing(
     out = log.read_text()
 
     assert driver.returncode == 0, out
-    assert "retried 1" in out, out  # the trial of the lost node ran again
+    assert re.search(r"\| retried [1-9]", out), out  # the trial of the lost node ran again
     trials, epochs = store.read_trials(), store.read_epochs()
     ids = {s.trial_id for s in expand(grid)}
     assert sorted(trials.trial_id) == sorted(ids) and set(trials.status) == {"ok"}
