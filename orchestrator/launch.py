@@ -630,7 +630,9 @@ def _run_tune(
             tuner.fit()
         finally:
             tune_log.setLevel(level)
-        with contextlib.suppress(FileNotFoundError):  # never read again: resume uses the store
+        # Never read again (resume works from the store); if the store is away now, the next
+        # launch removes it (_remove_leftovers).
+        with contextlib.suppress(OSError):
             store.fs.delete_dir(f"{storage}/{name}")
         return tally
     finally:

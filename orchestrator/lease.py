@@ -38,6 +38,7 @@ LOCK_FILE = "_lease.lock"
 HEARTBEAT_S = 30.0
 EXPIRY_S = 180.0  # a holder on another host silent this long is dead
 SETTLE_S = 2.0  # object stores: how long a launch waits before reading its lease back
+_HELD: set[str] = set()  # tokens of the leases this process holds now
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Holder:
 
     def alive(self) -> bool:
         if self.host == socket.gethostname():
+            if self.pid == os.getpid():  # ours: alive while a Lease of this process holds it
+                return self.token in _HELD
             return _started(self.pid) == self.pid_started
         return time.time() - self.heartbeat < EXPIRY_S
 
@@ -110,6 +113,7 @@ class Lease:
         if current is None or current.token != me.token:
             raise _refusal(store, current)
         lease = cls(store, me, None)
+        _HELD.add(me.token)
         lease._beat = threading.Thread(target=lease._renew, name="slimsweep-lease", daemon=True)
         lease._beat.start()
         return lease
@@ -123,6 +127,7 @@ class Lease:
                 _write(self.store, dataclasses.replace(self.me, heartbeat=time.time()))
 
     def release(self) -> None:
+        _HELD.discard(self.me.token)
         self._stop.set()
         if self._beat is not None:
             self._beat.join()

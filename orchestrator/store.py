@@ -342,9 +342,9 @@ class Contents:
 class Store:
     """Per-trial Parquet files under `root` (a local folder or a pyarrow.fs URI)."""
 
-    def __init__(self, root: str, retry_delays: tuple[float, ...] = WRITE_RETRY_DELAYS_S):
+    def __init__(self, root: str, retry_delays: tuple[float, ...] | None = None):
         self.uri = root
-        self.retry_delays = retry_delays
+        self.retry_delays = WRITE_RETRY_DELAYS_S if retry_delays is None else retry_delays
         self.scheme = root.partition("://")[0] if "://" in root else ""
         try:
             if self.scheme:
