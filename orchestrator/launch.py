@@ -321,7 +321,7 @@ def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> A
             if trial.trial_id not in self.recorded:
                 self.recorded.add(trial.trial_id)
                 tally.ok += sent and record.status == "ok"
-                tally.failed += record.status != "ok"
+                tally.failed += sent and record.status != "ok"
                 tally.unsent += not sent
                 start = self.started.get(trial.trial_id, time.monotonic())
                 tally.durations.append(time.monotonic() - start)
@@ -628,6 +628,12 @@ def _run_tune(
         tune_log.setLevel(logging.CRITICAL)
         try:
             tuner.fit()
+        except OSError as e:  # Tune's storage (the store) went away; its records are handled
+            first = (str(e).strip() or type(e).__name__).splitlines()[0]
+            echo(
+                f"warning: Tune lost its storage in {store.uri} ({first}); every record that "
+                f"arrived is recorded or kept locally, and the next launch runs what is missing"
+            )
         finally:
             tune_log.setLevel(level)
         # Never read again (resume works from the store); if the store is away now, the next
