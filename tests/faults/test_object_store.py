@@ -10,6 +10,7 @@ import logging
 import socket
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -53,6 +54,8 @@ def endpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
+    # moto keeps buckets in this process across servers: start from none.
+    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST")).close()
     pafs.S3FileSystem(endpoint_override=url, allow_bucket_creation=True).create_dir("sweeps")
     yield url
     server.stop()

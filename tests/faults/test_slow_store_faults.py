@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -128,6 +129,8 @@ def s3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
         servers[-1].stop()
 
     url = f"http://127.0.0.1:{port}"
+    # moto keeps buckets in this process across servers: start from none.
+    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST")).close()
     pafs.S3FileSystem(endpoint_override=url, allow_bucket_creation=True).create_dir("sweeps")
     yield url, start, stop
     stop()
