@@ -253,3 +253,28 @@ def test_killing_the_driver_loses_only_the_running_trials_blocks_nothing_and_lea
     assert set(again.to_run) == ids - done and again.exit_code == 0
     assert sorted(store.read_trials().trial_id) == sorted(ids)
     assert len(store.read_epochs()) == EPOCHS * len(ids)
+
+
+def test_damaged_result_files_are_rerun_by_the_next_launch_and_replaced(ray_local, tmp_path: Path):
+    import shutil
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(GRID.replace("custom: {fake_gpu: 1}", "custom: {}"))
+    grid = load_grid(path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    results = tmp_path / "results" / grid.name
+    trial = functools.partial(epoch_trial, marks=marks)
+    assert launch(grid, str(results), echo=lambda _: None, trial_fn=trial).exit_code == 0
+    a, b, c = (s.trial_id for s in expand(grid))
+    shutil.copy(results / "trials" / f"{a}.parquet", results / "trials" / f"{a}-backup.parquet")
+    (results / "epochs" / f"{b}.parquet").write_bytes(b"truncated")
+    shutil.copy(results / "trials" / f"{a}.parquet", results / "trials" / f"{c}.parquet")
+
+    with pytest.warns(UserWarning, match="2 damaged trial"):
+        again = launch(grid, str(results), echo=lambda _: None, trial_fn=trial)
+    assert set(again.to_run) == {b, c} and again.exit_code == 0
+    with pytest.warns(UserWarning, match="ignored 1 file"):  # the backup copy stays, uncounted
+        contents = Store(str(results)).scan()
+    assert contents.done == {a, b, c} and not contents.damaged
+    assert contents.epochs.num_rows == EPOCHS * 3
