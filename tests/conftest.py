@@ -163,6 +163,8 @@ def ray_local():
     """A small local Ray, shut down afterwards."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a new Ray even while another one on this machine has written its address in
+    # /tmp/ray (ray.init would join that one and refuse num_cpus).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
