@@ -15,7 +15,7 @@ from pathlib import Path
 
 from slimsweep.orchestrator.grid import Grid, GridError, load_grid
 from slimsweep.orchestrator.plan import expand
-from slimsweep.workers.spec import SpecError, TrialSpec
+from slimsweep.workers.spec import SpecError, TrialSpec, cut
 
 DEFAULT_RESULTS = "results"
 
@@ -114,12 +114,17 @@ def read_spec(path: str) -> TrialSpec:
     except OSError as e:
         raise SpecError(f"{path}: cannot read the spec file ({e.strerror})") from e
     try:
-        return TrialSpec.from_json(text)
-    except (ValueError, KeyError, TypeError) as e:
+        spec = TrialSpec.from_json(text)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise SpecError(
-            f"{path}: not a TrialSpec JSON ({type(e).__name__}: {e}); write one with "
+            f"{path}: not a TrialSpec JSON ({type(e).__name__}: {cut(str(e))}); write one with "
             f"TrialSpec.to_json()"
         ) from e
+    try:
+        spec.validate()
+    except SpecError as e:
+        raise SpecError(f"{path}: {e}") from e
+    return spec
 
 
 def cmd_run_trial(args: argparse.Namespace) -> int:

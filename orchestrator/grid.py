@@ -18,16 +18,21 @@ import yaml
 from slimsweep.orchestrator.models import model_depth
 from slimsweep.workers.spec import (
     HEADS,
-    LABEL_WORD_RULES,
-    LM_LOSSES,
-    OVERFLOW_RULES,
     PKG_PREFIX,
-    PRECISIONS,
     DataSpec,
     ModelSpec,
     RuntimeSpec,
+    SpecError,
     TaskSpec,
     TrainSpec,
+    check_choice,
+    check_model,
+    check_name,
+    check_section,
+    check_seed,
+    check_task,
+    shown,
+    unknown,
 )
 from slimsweep.workers.tasks import TASKS
 
@@ -83,14 +88,6 @@ TOP_KEYS = (
 )
 MODEL_KEYS = ("name", "source", "revision", "gguf_file", "trust_remote_code", "layers")
 TASK_KEYS = (*tuple(f.name for f in dataclasses.fields(TaskSpec) if f.name != "kind"), "files")
-CHOICES: dict[str, tuple[str, ...]] = {
-    "precision": PRECISIONS,
-    "lm_loss": LM_LOSSES,
-    "label_word_rule": LABEL_WORD_RULES,
-    "overflow": OVERFLOW_RULES,
-    "optimizer": ("adamw",),
-    "device": ("auto", "cpu", "cuda"),
-}
 
 
 class _Loader:
@@ -102,6 +99,13 @@ class _Loader:
     def fail(self, key: str, msg: str) -> GridError:
         where = f"{self.path}: {key}: " if key else f"{self.path}: "
         return GridError(where + msg)
+
+    def contract(self, check: Any, *args: Any) -> None:
+        """Run one of the contract's checks (workers/spec.py), naming this file in its error."""
+        try:
+            check(*args)
+        except SpecError as e:
+            raise GridError(f"{self.path}: {e}") from e
 
     def check_keys(self, d: dict, allowed: tuple[str, ...], key: str) -> None:
         for k in d:
@@ -129,7 +133,7 @@ class _Loader:
         for i, v in enumerate(value):
             tag = json.dumps(v, sort_keys=True, default=str)
             if tag in seen:
-                raise self.fail(f"{key}[{i}]", f"duplicate value {v!r}; list each value once")
+                raise self.fail(f"{key}[{i}]", f"duplicate value {shown(v)}; list each value once")
             seen.add(tag)
         return value
 
@@ -143,14 +147,8 @@ class _Loader:
         for k, v in values.items():
             default = getattr(defaults, k)
             out[k] = self.typed(v, default, f"{key}.{k}", fields[k].type)
-            if k in CHOICES and out[k] not in CHOICES[k]:
-                raise self.fail(f"{key}.{k}", f"{v!r} is not one of {', '.join(CHOICES[k])}")
         obj = cls(**out)
-        for k in ("train_size", "valid_size", "test_size", "batch_size", "epochs"):
-            if hasattr(obj, k) and getattr(obj, k) < 1:
-                raise self.fail(f"{key}.{k}", "must be at least 1")
-        if getattr(obj, "lr", 1.0) <= 0:
-            raise self.fail(f"{key}.lr", "must be a positive number, e.g. 5e-5")
+        self.contract(check_section, obj, cls, key)
         return obj
 
     def typed(self, v: Any, default: Any, key: str, annotation: str) -> Any:
@@ -161,13 +159,13 @@ class _Loader:
             raise self.fail(key, f"must not be empty; the default is {default!r}")
         if isinstance(default, bool) or "bool" in str(annotation):
             if not isinstance(v, bool):
-                raise self.fail(key, f"expected true or false, got {v!r}")
+                raise self.fail(key, f"expected true or false, got {shown(v)}")
             return v
         if isinstance(default, int) or (
             "int" in str(annotation) and "float" not in str(annotation)
         ):
             if isinstance(v, bool) or not isinstance(v, int):
-                raise self.fail(key, f"expected an integer, got {v!r}")
+                raise self.fail(key, f"expected an integer, got {shown(v)}")
             return v
         if isinstance(default, float):
             if isinstance(v, str):
@@ -176,7 +174,7 @@ class _Loader:
                 except ValueError:
                     pass
             if isinstance(v, bool) or not isinstance(v, int | float):
-                raise self.fail(key, f"expected a number, got {v!r}")
+                raise self.fail(key, f"expected a number, got {shown(v)}")
             return float(v)
         if not isinstance(v, str):
             raise self.fail(key, f"expected text, got {_kind(v)}")
@@ -194,7 +192,8 @@ class _Loader:
                 raise self.fail(f"{key}.{k}", f"expected text, got {_kind(m[k])}")
         trust = m.get("trust_remote_code", False)
         if not isinstance(trust, bool):
-            raise self.fail(f"{key}.trust_remote_code", f"expected true or false, got {trust!r}")
+            got = shown(trust)
+            raise self.fail(f"{key}.trust_remote_code", f"expected true or false, got {got}")
         source = _resolve_source(m["source"], base)
         depth = model_depth(source)
         spec = ModelSpec(
@@ -204,6 +203,7 @@ class _Loader:
             gguf_file=m.get("gguf_file"),
             trust_remote_code=trust,
         )
+        self.contract(check_model, spec, key)
         layers = self.axis(m, "layers") if isinstance(m["layers"], list) else [m["layers"]]
         if not layers:
             raise self.fail(f"{key}.layers", "is empty; list at least one layer count")
@@ -212,7 +212,7 @@ class _Loader:
             k = self.layer_count(v, depth, f"{key}.layers[{j}]", m["name"])
             if k in resolved:
                 raise self.fail(
-                    f"{key}.layers[{j}]", f"{v!r} resolves to {k} layers, listed already"
+                    f"{key}.layers[{j}]", f"{shown(v)} resolves to {k} layers, listed already"
                 )
             resolved.append(k)
         return ModelAxis(spec=spec, layers=tuple(resolved), depth=depth)
@@ -222,14 +222,15 @@ class _Loader:
             if depth is None:
                 raise self.fail(
                     key,
-                    f"{v!r} needs the depth of model '{model}', which is unknown; "
+                    f"{shown(v)} needs the depth of model '{model}', which is unknown; "
                     "write a whole number of layers",
                 )
             return depth if v == "all" else max(1, round(depth * v))
         if isinstance(v, bool) or not isinstance(v, int):
             raise self.fail(
                 key,
-                f"expected a layer count (an integer, a fraction like 0.5, or 'all'), got {v!r}",
+                "expected a layer count (an integer, a fraction like 0.5, or 'all'), "
+                f"got {shown(v)}",
             )
         if v < 1:
             raise self.fail(key, f"layer count {v} is below 1; keep at least one layer")
@@ -244,7 +245,7 @@ class _Loader:
         key = f"tasks[{i}]"
         if isinstance(raw, str):
             if raw not in TASKS:
-                raise self.fail(key, _unknown("task", raw, tuple(TASKS)))
+                raise self.fail(key, unknown("task", raw, tuple(TASKS)))
             return TASKS[raw]
         t = self.mapping(raw, key)
         self.check_keys(t, TASK_KEYS, key)
@@ -272,17 +273,10 @@ class _Loader:
             fields["kind"] = "hub"
         for req in ("dataset", "template", "label_words"):
             if req not in fields:
-                raise self.fail(f"{key}.{req}", f"missing for new task '{t['name']}'")
-        template = fields["template"]
-        if "{text}" not in template or not template.endswith("{label}"):
-            raise self.fail(
-                f"{key}.template",
-                "must contain {text} and end with {label}, e.g. "
-                "'Review: {text}\\nSentiment:{label}'",
-            )
-        if fields["kind"] == "files" and not dict(fields["data_files"]).get("test"):
-            raise self.fail(f"{key}.files.test", "missing; give a test file")
-        return TaskSpec(**fields)
+                raise self.fail(f"{key}.{req}", f"missing for new task {shown(t['name'])}")
+        task = TaskSpec(**fields)
+        self.contract(check_task, task, key)
+        return task
 
 
 _EXAMPLES = {
@@ -298,12 +292,6 @@ _EXAMPLES = {
 
 def _kind(v: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "text"}.get(type(v), type(v).__name__)
-
-
-def _unknown(what: str, value: Any, valid: tuple[str, ...]) -> str:
-    near = difflib.get_close_matches(str(value), valid, n=1)
-    hint = f"did you mean '{near[0]}'? " if near else ""
-    return f"unknown {what} {value!r}; {hint}valid: {', '.join(valid)}"
 
 
 def _resolve_source(source: str, base: Path) -> str:
@@ -332,8 +320,7 @@ def load_grid(path: str | Path) -> Grid:
         raise ld.fail("", "a grid file must be a mapping with keys: " + ", ".join(TOP_KEYS))
     ld.check_keys(raw, TOP_KEYS, "")
     name = raw.get("name", path.stem)
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ld.fail("name", "expected a non-empty name without '/', e.g. name: paper")
+    ld.contract(check_name, name, "name")
     base = path.parent
     models = tuple(ld.model(m, i, base) for i, m in enumerate(ld.axis(raw, "models")))
     names = [m.spec.name for m in models]
@@ -343,31 +330,29 @@ def load_grid(path: str | Path) -> Grid:
     tasks = tuple(ld.task(t, i, base) for i, t in enumerate(ld.axis(raw, "tasks")))
     heads = ld.axis(raw, "heads")
     for i, h in enumerate(heads):
-        if h not in HEADS:
-            raise ld.fail(f"heads[{i}]", _unknown("head", h, HEADS))
+        ld.contract(check_choice, h, HEADS, f"heads[{i}]", "head")
     seeds = ld.axis(raw, "seeds")
     for i, s in enumerate(seeds):
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise ld.fail(f"seeds[{i}]", f"seed {s!r} is not an integer; write e.g. 42")
+        ld.contract(check_seed, s, f"seeds[{i}]")
     resources = ld.mapping(raw.get("resources"), "resources")
     ld.check_keys(resources, ("cpus", "gpus", "custom"), "resources")
     custom = ld.mapping(resources.get("custom"), "resources.custom")
     for k, v in custom.items():
         if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-            raise ld.fail(f"resources.custom.{k}", f"expected a positive number, got {v!r}")
+            raise ld.fail(f"resources.custom.{k}", f"expected a positive number, got {shown(v)}")
     res = Resources(
         **{k: v for k, v in resources.items() if k != "custom"},
         custom=tuple((str(k), float(v)) for k, v in sorted(custom.items())),
     )
     if isinstance(res.cpus, bool) or not isinstance(res.cpus, int | float) or res.cpus <= 0:
-        raise ld.fail("resources.cpus", f"expected a positive number, got {res.cpus!r}")
+        raise ld.fail("resources.cpus", f"expected a positive number, got {shown(res.cpus)}")
     if res.gpus != "auto" and (
         isinstance(res.gpus, bool) or not isinstance(res.gpus, int | float) or res.gpus < 0
     ):
-        raise ld.fail("resources.gpus", f"expected a number >= 0 or 'auto', got {res.gpus!r}")
+        raise ld.fail("resources.gpus", f"expected a number >= 0 or 'auto', got {shown(res.gpus)}")
     max_failures = raw.get("max_failures", 2)
     if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
-        raise ld.fail("max_failures", f"expected an integer >= 0, got {max_failures!r}")
+        raise ld.fail("max_failures", f"expected an integer >= 0, got {shown(max_failures)}")
     results = raw.get("results")
     if results is not None and not isinstance(results, str):
         raise ld.fail("results", "expected a folder or URI, e.g. results: s3://bucket/sweeps")

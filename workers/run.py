@@ -59,6 +59,7 @@ def run_trial(
 ) -> tuple[TrialResult, list[EpochRow]]:
     """Load the truncated model, prepare the data, train, select, test; see `train.train`
     for `on_epoch` (per-epoch rows and restart checkpoints) and `resume_from`."""
+    spec.validate()
     started = datetime.now(UTC).isoformat()
     t0 = time.monotonic()
     device = resolve_device(spec.runtime.device)
