@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from slimsweep.workers.spec import (
     check_section,
     check_seed,
     check_task,
+    cut,
     shown,
     unknown,
 )
@@ -70,7 +72,21 @@ class Grid:
     resources: Resources = field(default_factory=Resources)
     max_failures: int = 2
     results: str | None = None
+    max_trials: int = 100_000
 
+    @property
+    def n_trials(self) -> int:
+        """The number of trials `plan.expand` makes, counted without making them."""
+        return (
+            sum(len(m.layers) for m in self.models)
+            * len(self.tasks)
+            * len(self.heads)
+            * len(self.seeds)
+        )
+
+
+MAX_FILE_BYTES = 1 << 20  # a grid is a few KB of YAML
+MAX_NODES = 100_000  # YAML values after expanding aliases: far above any real grid
 
 TOP_KEYS = (
     "name",
@@ -85,9 +101,14 @@ TOP_KEYS = (
     "resources",
     "max_failures",
     "results",
+    "max_trials",
 )
 MODEL_KEYS = ("name", "source", "revision", "gguf_file", "trust_remote_code", "layers")
-TASK_KEYS = (*tuple(f.name for f in dataclasses.fields(TaskSpec) if f.name != "kind"), "files")
+# A grid writes `files:`; kind and data_files follow from it.
+TASK_KEYS = (
+    *(f.name for f in dataclasses.fields(TaskSpec) if f.name not in ("kind", "data_files")),
+    "files",
+)
 
 
 class _Loader:
@@ -112,7 +133,9 @@ class _Loader:
             if k not in allowed:
                 near = difflib.get_close_matches(str(k), allowed, n=1)
                 hint = f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(allowed)}"
-                raise self.fail(f"{key}.{k}" if key else str(k), f"unknown key; {hint}")
+                raise self.fail(
+                    f"{key}.{cut(str(k))}" if key else cut(str(k)), f"unknown key; {hint}"
+                )
 
     def mapping(self, value: Any, key: str) -> dict:
         if value is None:
@@ -131,7 +154,10 @@ class _Loader:
             raise self.fail(key, "is empty; list at least one value")
         seen: set[str] = set()
         for i, v in enumerate(value):
-            tag = json.dumps(v, sort_keys=True, default=str)
+            try:
+                tag = json.dumps(v, sort_keys=True, default=str)
+            except TypeError:  # keys of mixed types do not sort
+                tag = repr(v)
             if tag in seen:
                 raise self.fail(f"{key}[{i}]", f"duplicate value {shown(v)}; list each value once")
             seen.add(tag)
@@ -195,7 +221,10 @@ class _Loader:
             got = shown(trust)
             raise self.fail(f"{key}.trust_remote_code", f"expected true or false, got {got}")
         source = _resolve_source(m["source"], base)
-        depth = model_depth(source)
+        try:
+            depth = model_depth(source)
+        except ValueError as e:
+            raise self.fail(f"{key}.source", f"{e}; fix the file or point source elsewhere") from e
         spec = ModelSpec(
             name=m["name"],
             source=source,
@@ -251,15 +280,19 @@ class _Loader:
         self.check_keys(t, TASK_KEYS, key)
         if "name" not in t:
             raise self.fail(f"{key}.name", "missing; give the task a name")
+        self.contract(check_name, t["name"], f"{key}.name")
         known = TASKS.get(t["name"])
         fields: dict[str, Any] = dataclasses.asdict(known) if known else {"name": t["name"]}
         for k, v in t.items():
             if k == "files":
                 files = self.mapping(v, f"{key}.files")
-                if "train" not in files:
-                    raise self.fail(f"{key}.files.train", "missing; give a train file")
+                for split, p in files.items():
+                    if not isinstance(split, str) or not isinstance(p, str):
+                        raise self.fail(
+                            f"{key}.files", f"expected split: path pairs, got {shown({split: p})}"
+                        )
                 fields["data_files"] = tuple(
-                    (split, _resolve_source(str(p), base)) for split, p in sorted(files.items())
+                    (split, _resolve_source(p, base)) for split, p in sorted(files.items())
                 )
                 fields["kind"] = "files"
                 fields["dataset"] = "files"
@@ -276,7 +309,25 @@ class _Loader:
                 raise self.fail(f"{key}.{req}", f"missing for new task {shown(t['name'])}")
         task = TaskSpec(**fields)
         self.contract(check_task, task, key)
+        for split, p in task.data_files:
+            self.data_file(p, f"{key}.files.{split}")
         return task
+
+    def data_file(self, path: str, key: str) -> None:
+        """A task's data file exists and reads, checked now rather than once Ray runs."""
+        if not _is_file(path):
+            raise self.fail(
+                key,
+                f"{shown(path)} is not a file; check the path (relative paths "
+                "start from the grid file's folder)",
+            )
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise self.fail(
+                key, f"cannot read {shown(path)} ({e.strerror}); fix its permissions"
+            ) from e
 
 
 _EXAMPLES = {
@@ -299,9 +350,94 @@ def _resolve_source(source: str, base: Path) -> str:
     if source.startswith(PKG_PREFIX):
         return source
     local = (base / source) if not Path(source).is_absolute() else Path(source)
-    if source.startswith((".", "/", "~")) or local.exists():
+    if source.startswith((".", "/", "~")) or _exists(local):
         return str(local.expanduser().resolve())
     return source
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, False for names no file can have (a NUL byte, too long)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _read_yaml(path: Path) -> Any:
+    """The file's YAML document, refusing what would take long or much memory to expand:
+    files over MAX_FILE_BYTES, alias chains expanding past MAX_NODES values, self-references."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise GridError(
+                f"{path}: {size} bytes, over the {MAX_FILE_BYTES} a grid may have; a grid is a "
+                f"short YAML file (is this the right file?)"
+            )
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GridError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); a grid "
+            f"is a YAML text file: check the path, or save it as UTF-8"
+        ) from e
+    except OSError as e:
+        raise GridError(f"{path}: cannot read the grid file ({e.strerror}); check the path") from e
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # reads the stream: refuses control characters
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded_size(node, path)
+        if n > MAX_NODES:
+            raise GridError(
+                f"{path}: expands to {n} YAML values (aliases included), over the {MAX_NODES} a "
+                f"grid may have; write the values out or split the grid"
+            )
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise GridError(f"{path}: {line}malformed YAML ({problem}); fix the syntax there") from e
+    except RecursionError as e:
+        raise GridError(f"{path}: nested too deeply to be a grid; flatten it") from e
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _expanded_size(root: yaml.Node, path: Path) -> int:
+    """Values in the document once every alias is replaced by what it names; each distinct
+    node is sized once, so an alias bomb is measured, not expanded."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in active:
+            raise GridError(
+                f"{path}: an alias refers to itself; YAML grids cannot nest a value in itself"
+            )
+        active.add(id(node))
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        total = 1 + sum(size(c) for c in children)
+        active.discard(id(node))
+        sizes[id(node)] = min(total, MAX_NODES + 1)
+        return sizes[id(node)]
+
+    return size(root)
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -309,13 +445,7 @@ def load_grid(path: str | Path) -> Grid:
     if not path.is_file():
         raise GridError(f"{path}: no such grid file; check the path (grids live in grids/*.yaml)")
     ld = _Loader(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise GridError(f"{path}: {line}malformed YAML ({problem}); fix the syntax there") from e
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ld.fail("", "a grid file must be a mapping with keys: " + ", ".join(TOP_KEYS))
     ld.check_keys(raw, TOP_KEYS, "")
@@ -328,6 +458,14 @@ def load_grid(path: str | Path) -> Grid:
         if names.index(n) != i:
             raise ld.fail(f"models[{i}].name", f"duplicate model name '{n}'; names must differ")
     tasks = tuple(ld.task(t, i, base) for i, t in enumerate(ld.axis(raw, "tasks")))
+    task_names = [t.name for t in tasks]
+    for i, n in enumerate(task_names):
+        if task_names.index(n) != i:
+            raise ld.fail(
+                f"tasks[{i}]",
+                f"task {shown(n)} is listed already as tasks[{task_names.index(n)}] (a name and a "
+                f"mapping with that name are one task); list it once",
+            )
     heads = ld.axis(raw, "heads")
     for i, h in enumerate(heads):
         ld.contract(check_choice, h, HEADS, f"heads[{i}]", "head")
@@ -338,16 +476,24 @@ def load_grid(path: str | Path) -> Grid:
     ld.check_keys(resources, ("cpus", "gpus", "custom"), "resources")
     custom = ld.mapping(resources.get("custom"), "resources.custom")
     for k, v in custom.items():
-        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+        if not isinstance(k, str):
+            raise ld.fail("resources.custom", f"resource names are text, got {shown(k)}")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < math.inf:
             raise ld.fail(f"resources.custom.{k}", f"expected a positive number, got {shown(v)}")
     res = Resources(
         **{k: v for k, v in resources.items() if k != "custom"},
         custom=tuple((str(k), float(v)) for k, v in sorted(custom.items())),
     )
-    if isinstance(res.cpus, bool) or not isinstance(res.cpus, int | float) or res.cpus <= 0:
+    if (
+        isinstance(res.cpus, bool)
+        or not isinstance(res.cpus, int | float)
+        or not 0 < res.cpus < math.inf
+    ):
         raise ld.fail("resources.cpus", f"expected a positive number, got {shown(res.cpus)}")
     if res.gpus != "auto" and (
-        isinstance(res.gpus, bool) or not isinstance(res.gpus, int | float) or res.gpus < 0
+        isinstance(res.gpus, bool)
+        or not isinstance(res.gpus, int | float)
+        or not 0 <= res.gpus < math.inf
     ):
         raise ld.fail("resources.gpus", f"expected a number >= 0 or 'auto', got {shown(res.gpus)}")
     max_failures = raw.get("max_failures", 2)
@@ -356,7 +502,10 @@ def load_grid(path: str | Path) -> Grid:
     results = raw.get("results")
     if results is not None and not isinstance(results, str):
         raise ld.fail("results", "expected a folder or URI, e.g. results: s3://bucket/sweeps")
-    return Grid(
+    max_trials = raw.get("max_trials", Grid.max_trials)
+    if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
+        raise ld.fail("max_trials", f"expected an integer >= 1, got {shown(max_trials)}")
+    grid = Grid(
         name=name,
         path=str(path),
         models=models,
@@ -369,4 +518,12 @@ def load_grid(path: str | Path) -> Grid:
         resources=res,
         max_failures=max_failures,
         results=results,
+        max_trials=max_trials,
     )
+    if grid.n_trials > max_trials:
+        raise ld.fail(
+            "max_trials",
+            f"the grid has {grid.n_trials} trials, over the limit of {max_trials}; shrink an "
+            f"axis, or set max_trials: {grid.n_trials} if you mean it",
+        )
+    return grid
