@@ -464,9 +464,10 @@ def check_address(address: str) -> None:
         ) from e
 
 
-def _connect(address: str | None) -> tuple[Any, bool]:
+def _connect(address: str | None, echo: Callable[[str], None]) -> tuple[Any, bool]:
     """(ray, whether we started it). Without an address: reuse a running Ray of this process,
-    or start a local one sized to the machine."""
+    or start a private local one sized to the machine, even where RAY_ADDRESS is set or
+    `ray start` has run (joining a cluster is what --address is for)."""
     import ray
 
     if ray.is_initialized():
@@ -482,17 +483,34 @@ def _connect(address: str | None) -> tuple[Any, bool]:
                 f"(or leave --address out to run on a local Ray)"
             ) from e
         return ray, True
+    running = _running_ray()
+    if running:
+        echo(
+            f"note: {running}; this launch runs on its own local Ray (to use that cluster: "
+            f"--address auto)"
+        )
     # A head started here serves only this process: no token needed (Ray >= 2.5x asks one).
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Workers must not re-resolve the environment through `uv run` (no network here, often).
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     ray.init(
+        address="local",  # a new Ray: never RAY_ADDRESS's or `ray start`'s
         num_cpus=os.cpu_count() or 1,
         include_dashboard=False,
         log_to_driver=False,
         logging_level=logging.WARNING,
     )
     return ray, True
+
+
+def _running_ray() -> str:
+    """What a plain `ray.init()` would join instead of starting a Ray; "" when nothing."""
+    if os.environ.get("RAY_ADDRESS"):
+        return f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set"
+    from ray._private.services import find_bootstrap_address
+
+    found = find_bootstrap_address(None)  # the address `ray start` wrote on this machine
+    return f"a Ray started with `ray start` runs here ({found})" if found else ""
 
 
 def _run_tune(
@@ -504,7 +522,7 @@ def _run_tune(
     echo: Callable[[str], None],
     trial_fn: TrialFn | None,
 ) -> Tally:
-    ray, started = _connect(address)
+    ray, started = _connect(address, echo)
     try:
         cluster = _probe_cluster(ray)
         resources = trial_resources(grid, specs, cluster, lambda m: echo(f"warning: {m}"))
