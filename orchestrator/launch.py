@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -196,7 +197,17 @@ def run_one(config: dict[str, Any], trial_fn: TrialFn | None = None) -> None:
     finally:
         if resume_dir:
             shutil.rmtree(resume_dir, ignore_errors=True)
+        release_memory()
     tune.report({RECORD_KEY: record})
+
+
+def release_memory() -> None:
+    """After a trial in a reused worker: free its tensors (reference cycles included) and
+    hand the CUDA cache back, so the next trial starts with the whole GPU share."""
+    gc.collect()
+    torch = sys.modules.get("torch")  # a stand-in trial may never have imported it
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # --- progress ------------------------------------------------------------------------------
