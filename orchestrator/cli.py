@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -423,11 +424,28 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def one_line_warnings() -> None:
+    """Python warnings as `slimsweep: warning: <message>`, one line without the source path,
+    each distinct message once per command."""
+    seen: set[str] = set()
+
+    def show(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+        text = " ".join(str(message).split()) or category.__name__
+        if text not in seen:
+            seen.add(text)
+            print(f"slimsweep: warning: {text}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            if not debug:
+                one_line_warnings()
+            return args.func(args)
     except (GridError, SpecError) as e:
         if debug:
             traceback.print_exc()

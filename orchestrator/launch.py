@@ -30,7 +30,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +49,7 @@ TrialFn = Callable[..., tuple[TrialResult, list[EpochRow]]]
 RECORD_KEY = "slimsweep_record"
 TUNE_DIR = "_tune"  # Tune's own state and checkpoints, under the grid's results root
 PROGRESS_EVERY_S = 2.0
+HEARTBEAT_S = 30.0  # the progress line repeats at least this often while trials run
 ADDRESS_PROBE_S = 5.0  # how long `--address` may take to answer before launch gives up
 
 # --- GPU packing ---------------------------------------------------------------------------
@@ -213,41 +214,96 @@ def release_memory() -> None:
 # --- progress ------------------------------------------------------------------------------
 
 
+def expected_cost(spec: TrialSpec) -> float:
+    """A trial's relative cost for the ETA: parameters (1 per layer when the shape is
+    unknown) x epochs x training and validation examples. Only ratios between trials matter."""
+    cfg = model_config(spec.model.source)
+    params = estimate_params(cfg, spec.layers) if cfg and "vocab_size" in cfg else spec.layers
+    d = spec.data
+    train = d.train_size * (spec.task.n_classes if d.train_per_class else 1)
+    return float(params) * spec.train.epochs * (train + d.valid_size)
+
+
 @dataclass
 class Tally:
-    """Counts of this launch's trials and the durations of the finished ones."""
+    """This launch's trials by state (keyed by trial id) and what the finished ones took."""
 
-    total: int
+    costs: dict[str, float]  # every trial of this launch -> expected_cost
+    epochs: dict[str, int]  # -> its epoch budget (training.epochs)
     ok: int = 0
     failed: int = 0
     retries: int = 0
-    running: set[str] = field(default_factory=set)
-    durations: list[float] = field(default_factory=list)
+    running: dict[str, int] = field(default_factory=dict)  # -> the last epoch it reported
+    waiting: set[str] = field(default_factory=set)  # lost a process or node; to be retried
+    finished: set[str] = field(default_factory=set)  # recorded, ok or failed
+    ok_s: float = 0.0  # wall seconds of the trials that finished ok ...
+    ok_cost: float = 0.0  # ... and their expected cost
     lanes: int = 1  # most trials seen running at once: the concurrency the ETA assumes
 
+    @classmethod
+    def of(cls, specs: list[TrialSpec]) -> Tally:
+        return cls(
+            costs={s.trial_id: expected_cost(s) for s in specs},
+            epochs={s.trial_id: s.train.epochs for s in specs},
+        )
+
+    @property
+    def total(self) -> int:
+        return len(self.costs)
+
     def start(self, trial: str) -> None:
-        self.running.add(trial)
+        self.waiting.discard(trial)
+        self.running.setdefault(trial, 0)
         self.lanes = max(self.lanes, len(self.running))
+
+    def epoch(self, trial: str, epoch: int) -> None:
+        if trial in self.running:
+            self.running[trial] = epoch
+
+    def retry(self, trial: str) -> None:
+        self.retries += 1
+        self.running.pop(trial, None)
+        self.waiting.add(trial)
+
+    def finish(self, trial: str, ok: bool, seconds: float) -> None:
+        self.running.pop(trial, None)
+        self.waiting.discard(trial)
+        self.ok += ok
+        self.failed += not ok
+        self.finished.add(trial)
+        if ok:
+            self.ok_s += seconds
+            self.ok_cost += self.costs[trial]
 
     @property
     def pending(self) -> int:
-        return self.total - self.ok - self.failed - len(self.running)
+        return self.total - self.ok - self.failed - len(self.running) - len(self.waiting)
 
     def eta_s(self) -> float | None:
-        """Mean trial time x rounds left at the current concurrency; None before the first."""
-        if not self.durations:
+        """Seconds per unit of expected cost, as measured on the trials that finished ok, x
+        the cost left (a running trial's share by its epochs) / the concurrency; None before
+        the first trial finishes."""
+        if not self.ok_cost:
             return None
-        left = self.total - self.ok - self.failed
-        return sum(self.durations) / len(self.durations) * math.ceil(left / self.lanes)
+        left = sum(
+            cost * (1 - self.running.get(t, 0) / self.epochs[t])
+            for t, cost in self.costs.items()
+            if t not in self.finished
+        )
+        return self.ok_s / self.ok_cost * left / self.lanes
 
     def line(self) -> str:
         eta = self.eta_s()
+        shown = [f"{t[:8]} epoch {e}/{self.epochs[t]}" for t, e in list(self.running.items())[:4]]
+        if len(self.running) > len(shown):
+            shown.append(f"+{len(self.running) - len(shown)} more")
         parts = [
             f"done {self.ok}/{self.total}",
-            f"running {len(self.running)}",
-            f"failed {self.failed}",
-            f"pending {self.pending}",
+            f"running {len(self.running)}" + (f" ({', '.join(shown)})" if shown else ""),
         ]
+        if self.waiting:
+            parts.append(f"waiting for retry {len(self.waiting)}")
+        parts += [f"failed {self.failed}", f"pending {self.pending}"]
         if self.retries:
             parts.append(f"retried {self.retries}")
         parts.append("ETA " + (_duration(eta) if eta is not None else "?"))
@@ -263,40 +319,53 @@ def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> A
     from ray import tune
 
     class Recorder(tune.Callback):
-        """Writes each trial's record to the store as it arrives; prints a progress line when
-        the counts have changed, at most every PROGRESS_EVERY_S (a reused actor starts its next
-        trial right after the last one ends: one line for both, not two)."""
+        """Writes each trial's record to the store as it arrives, with its attempt count;
+        prints a progress line when the counts have changed, at most every PROGRESS_EVERY_S (a
+        reused actor starts its next trial right after the last one ends: one line for both,
+        not two), and at least every HEARTBEAT_S while trials run."""
 
         def __init__(self) -> None:
+            self.ids: dict[str, str] = {}  # Tune's trial id -> slimsweep's
             self.started: dict[str, float] = {}
+            self.recoveries: dict[str, int] = {}
             self.recorded: set[str] = set()
             self.last = ""
             self.shown_at = -math.inf
 
-        def _show(self) -> None:
+        def _id(self, trial: Any) -> str:
+            if trial.trial_id not in self.ids:
+                self.ids[trial.trial_id] = TrialSpec.from_json(trial.config["spec"]).trial_id
+            return self.ids[trial.trial_id]
+
+        def _show(self, force: bool = False) -> None:
             line = tally.line()
-            if line != self.last:
+            if line != self.last or force:
                 echo(time.strftime("%H:%M:%S ") + line)
                 self.last = line
                 self.shown_at = time.monotonic()
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-            if time.monotonic() - self.shown_at >= PROGRESS_EVERY_S:
-                self._show()
+            since = time.monotonic() - self.shown_at
+            if since >= PROGRESS_EVERY_S:
+                self._show(force=since >= HEARTBEAT_S and bool(tally.running))
 
         def on_experiment_end(self, trials: list, **info: Any) -> None:
             self._show()
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            tally.start(trial.trial_id)
-            self.started.setdefault(trial.trial_id, time.monotonic())
+            tally.start(self._id(trial))
+            self.started.setdefault(self._id(trial), time.monotonic())
 
         def on_trial_result(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
         ) -> None:
+            tid = self._id(trial)
             if RECORD_KEY not in result:
+                if isinstance(result.get("epoch"), int):
+                    tally.epoch(tid, result["epoch"])
                 return
             record, epochs = decode_record(result[RECORD_KEY])
+            record = dataclasses.replace(record, attempt=1 + self.recoveries.get(tid, 0))
             if record.status == "ok":
                 store.write_result(record, epochs)
             else:
@@ -305,26 +374,30 @@ def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> A
                 echo(f"trial {record.trial_id} failed: {error}")
             # A trial retried after its record arrived (its node went right after) reports
             # again: the store file is replaced, the counts must not grow.
-            if trial.trial_id not in self.recorded:
-                self.recorded.add(trial.trial_id)
-                tally.ok += record.status == "ok"
-                tally.failed += record.status != "ok"
-                start = self.started.get(trial.trial_id, time.monotonic())
-                tally.durations.append(time.monotonic() - start)
-            tally.running.discard(trial.trial_id)
+            if tid not in self.recorded:
+                self.recorded.add(tid)
+                took = time.monotonic() - self.started.get(tid, time.monotonic())
+                tally.finish(tid, record.status == "ok", took)
 
         def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            tally.retries += 1
+            tid = self._id(trial)
+            self.recoveries[tid] = self.recoveries.get(tid, 0) + 1
+            if tid not in self.recorded:
+                tally.retry(tid)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             """Out of retries (process or node lost max_failures + 1 times)."""
-            tally.running.discard(trial.trial_id)
-            if trial.trial_id in self.recorded:
+            tid = self._id(trial)
+            if tid in self.recorded:
                 return
+            self.recorded.add(tid)
             spec = TrialSpec.from_json(trial.config["spec"])
             error = _trial_error(trial)
-            store.write_failure(failure_result(spec, error))
-            tally.failed += 1
+            failed = failure_result(spec, error)
+            store.write_failure(
+                dataclasses.replace(failed, attempt=1 + self.recoveries.get(tid, 0))
+            )
+            tally.finish(tid, False, 0.0)
             first = f"{type(error).__name__}: {error}".splitlines()[0]
             echo(f"trial {spec.trial_id} failed: {first}")
 
@@ -483,6 +556,9 @@ def _connect(address: str | None, echo: Callable[[str], None]) -> tuple[Any, boo
 
     if ray.is_initialized():
         return ray, False
+    # The driver's Ray core (C++) prints warnings and state dumps to the terminal when a node
+    # goes; errors only (all of it stays in the session logs).
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     if address:
         check_address(address)
         try:
@@ -543,7 +619,7 @@ def _run_tune(
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         from ray import tune
 
-        tally = Tally(total=len(specs))
+        tally = Tally.of(specs)
         name = f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         storage = _tune_storage(store)
         trainable = tune.with_resources(tune.with_parameters(run_one, trial_fn=trial_fn), resources)
@@ -569,20 +645,32 @@ def _run_tune(
                 callbacks=[_make_callback(store, tally, echo)],
             ),
         )
-        # Tune logs each lost trial with a traceback; the progress lines and the store carry
-        # the error instead (`slimsweep status`).
-        tune_log = logging.getLogger("ray.tune")
-        level = tune_log.level
-        tune_log.setLevel(logging.CRITICAL)
-        try:
+        with _quiet_ray():
             tuner.fit()
-        finally:
-            tune_log.setLevel(level)
         _remove_tune_state(store, storage, name)
         return tally
     finally:
         if started:
             ray.shutdown()
+
+
+# Loggers quieted while Tune runs: Tune logs each lost trial with a traceback and Ray warns
+# (in colour) about dead workers and nodes; the progress lines and the store carry the error
+# instead (`slimsweep status`), and Ray's own logs keep everything on disk.
+QUIET_LOGGERS = {"ray.tune": logging.CRITICAL, "ray": logging.ERROR}
+
+
+@contextlib.contextmanager
+def _quiet_ray() -> Iterator[None]:
+    loggers = {name: logging.getLogger(name) for name in QUIET_LOGGERS}
+    levels = {name: log.level for name, log in loggers.items()}
+    for name, log in loggers.items():
+        log.setLevel(QUIET_LOGGERS[name])
+    try:
+        yield
+    finally:
+        for name, log in loggers.items():
+            log.setLevel(levels[name])
 
 
 def _trial_name(trial: Any) -> str:

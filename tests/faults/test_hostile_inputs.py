@@ -253,3 +253,33 @@ def test_every_argument_has_help_and_every_command_examples():
 def test_no_error_message_leaks_a_traceback_for_a_missing_grid(capsys):
     assert main(["plan", os.devnull + "/nope.yaml"]) == 2
     assert json.dumps(capsys.readouterr().err).count("\\n") == 1
+
+
+# --- warnings -----------------------------------------------------------------------------------
+
+
+def test_warnings_are_one_line_each_without_a_source_path(grid_file, capsys, monkeypatch):
+    import warnings
+
+    def noisy(args: argparse.Namespace) -> int:
+        for _ in range(3):
+            warnings.warn("file trials/x.parquet is unreadable;\n  skipped", stacklevel=1)
+        warnings.warn("file trials/x.parquet is unreadable;\n  skipped", stacklevel=1)
+        warnings.warn("another thing", FutureWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_plan", noisy)
+    assert main(["plan", str(grid_file)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "slimsweep: warning: file trials/x.parquet is unreadable; skipped",
+        "slimsweep: warning: another thing",
+    ]
+
+
+def test_a_damaged_result_file_is_one_warning_line_per_command(tmp_path, grid_file, capsys):
+    (tmp_path / "res" / "g" / "trials").mkdir(parents=True)
+    (tmp_path / "res" / "g" / "trials" / "0123456789abcdef.parquet").write_bytes(b"garbage")
+    assert main(["status", str(grid_file), "--results", str(tmp_path / "res")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("slimsweep: warning: ")
+    assert ".py:" not in err[0] and "0123456789abcdef.parquet" in err[0]
