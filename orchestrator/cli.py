@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from slimsweep.orchestrator.grid import Grid, GridError, load_grid
-from slimsweep.orchestrator.plan import expand
+from slimsweep.orchestrator.plan import check_label_words, expand
 from slimsweep.workers.spec import SpecError, TrialSpec, cut
 
 DEFAULT_RESULTS = "results"
@@ -57,6 +57,7 @@ def check_folder(path: str, what: str) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)
+    check_label_words(grid)
     specs = expand(grid)
     if args.format == "table":
         print(f"grid '{grid.name}' ({grid.path}): {len(specs)} trials")
@@ -103,6 +104,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise GridError(f"--max-concurrent {args.max_concurrent}: give at least 1")
     grid = load_grid(args.grid)
+    check_label_words(grid)
     summary = launch(
         grid,
         grid_results(args, grid),

@@ -283,3 +283,44 @@ def test_a_damaged_result_file_is_one_warning_line_per_command(tmp_path, grid_fi
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("slimsweep: warning: ")
     assert ".py:" not in err[0] and "0123456789abcdef.parquet" in err[0]
+
+
+# --- checks that need the model's tokenizer, made at plan time -----------------------------------
+
+TOKENIZER_GRID = """\
+name: tok
+models: [{{name: tiny, source: '{model}', layers: [1]}}]
+tasks:
+  - {{name: mine, files: {{train: ./d.csv, test: ./d.csv}}, template: 'Q: {{text}}\\nA:{{label}}',
+     label_words: [' Abbreviation', ' Entity']}}
+  - {{name: other, files: {{train: ./d.csv, test: ./d.csv}}, template: 'Q: {{text}}\\nA:{{label}}',
+     label_words: [' yes', ' no']}}
+heads: [prompt-lm]
+seeds: [0]
+data: {{label_word_rule: {rule}}}
+"""
+
+
+@pytest.mark.parametrize("command", [["plan"], ["launch", "--dry-run"]])
+def test_a_label_word_of_several_tokens_is_refused_at_plan_time(
+    tiny_models, tmp_path, capsys, monkeypatch, command
+):
+    from slimsweep.workers import families
+
+    loads = []
+    real = families.load_tokenizer
+    monkeypatch.setattr(families, "load_tokenizer", lambda spec: loads.append(1) or real(spec))
+    (tmp_path / "d.csv").write_text("text,label\na,0\n")
+    path = tmp_path / "g.yaml"
+    path.write_text(TOKENIZER_GRID.format(model=tiny_models["gpt2"], rule="single-token"))
+    argv = [command[0], str(path), *command[1:], "--results", str(tmp_path / "res")]
+    assert main(argv if command[0] == "launch" else argv[:2]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}: model 'tiny': task 'mine': label word " in err
+    assert "' Abbreviation' is 3 tokens ['ĠAb', 'bre', 'viation'] for this tokenizer; set " in err
+    assert "data.label_word_rule: first-subtoken, or use single-token words" in err
+    assert not (tmp_path / "res").exists()
+
+    path.write_text(TOKENIZER_GRID.format(model=tiny_models["gpt2"], rule="first-subtoken"))
+    assert main(["plan", str(path)]) == 0
+    assert loads == [1, 1]  # one tokenizer load per model and command, for both tasks
