@@ -20,7 +20,7 @@ from pathlib import Path
 
 from slimsweep.orchestrator.grid import Grid, GridError, load_grid
 from slimsweep.orchestrator.plan import check_label_words, expand
-from slimsweep.workers.spec import SpecError, TrialSpec, cut
+from slimsweep.workers.spec import SpecError, TrialSpec, check_name, cut
 
 DEFAULT_RESULTS = "results"
 USER_ERROR, UNEXPECTED_ERROR, INTERRUPTED = 2, 3, 130
@@ -239,6 +239,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.grid and (args.grid.endswith((".yaml", ".yml")) or "/" in args.grid):
         grid = load_grid(args.grid)
         name = grid.name
+    elif name is not None:
+        check_name(name, "--grid")  # a folder under the results root, never above it
     out = res.query(args.sql, results_root(args, grid), name)
     print(res.render_frame(out, args.format).rstrip("\n"))
     return 0

@@ -153,6 +153,20 @@ class FinetuneSpec:
         return f"last-{self.last_n}" if self.mode == "last-n" else self.mode
 
 
+def _plain(value: Any) -> Any:
+    """`dataclasses.asdict` of a spec section, made once per distinct section: the trials of
+    a grid share their sections (read the result, never change it)."""
+    try:
+        return _plain_cached(value)
+    except TypeError:  # unhashable (a list where a tuple belongs): validate() names it
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+@functools.cache
+def _plain_cached(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
 # Fields added after trial ids were first published: left out of the identity while at their
 # default, so the trials of grids that do not use them keep their ids.
 LATER_FIELDS: dict[str, Any] = {"selection": SelectionSpec(), "finetune": FinetuneSpec()}
@@ -186,15 +200,15 @@ class TrialSpec:
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide what is computed (the grid name and runtime are not)."""
-        d = dataclasses.asdict(self)
+        d = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
         del d["grid"], d["runtime"]
         for name, default in LATER_FIELDS.items():
             if getattr(self, name) == default:
                 del d[name]
         return d
 
-    @property
-    def trial_id(self) -> str:
+    @functools.cached_property
+    def trial_id(self) -> str:  # cached: a frozen spec's id never changes; grids reach 100000
         canon = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
@@ -535,5 +549,18 @@ def check_type(value: Any, hint: Any, key: str) -> None:
                 f"{key}: {shown(value)} does not fit a 64-bit integer (what the store holds); "
                 f"use a value within -2**63..2**63-1"
             )
+        if hint is str and not _utf8(value):
+            raise SpecError(
+                f"{key}: {shown(value)} is not valid Unicode (a lone surrogate such as \\ud800), "
+                f"which the store cannot write; remove that escape"
+            )
         if hint is float and not math.isfinite(value):
             raise SpecError(f"{key}: {value} is not a finite number; write a number, e.g. 0.01")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -74,6 +74,10 @@ def billion_laughs(levels: int) -> str:
         (GRID + "resources: {gpus: .nan}\n", "resources.gpus: expected a number >= 0"),
         (GRID + "resources: {custom: {1: 1}}\n", "resources.custom: resource names are text"),
         (GRID + "training: {lr: .inf}\n", "training.lr: inf is not a finite number"),
+        (
+            GRID.replace("[sst2]", '[{name: sst2, template: "{text} \\ud800{label}"}]'),
+            "tasks[0].template: '{text} \\ud800{label}' is not valid Unicode",
+        ),
         (GRID.replace("source: openai", 'source: "a\\0b/openai'), ""),
     ],
 )
@@ -169,6 +173,11 @@ def test_a_results_or_out_folder_that_is_a_file_is_one_line(tmp_path, grid_file,
     err = capsys.readouterr().err
     assert f"{file} is a file, not a folder; give a folder" in err and err.count("\n") == 1
     assert file.read_text() == "keep me"
+
+
+def test_query_refuses_a_grid_name_that_climbs_out_of_the_results_root(tmp_path, capsys):
+    assert main(["query", "SELECT 1", "--grid", "..", "--results", str(tmp_path)]) == 2
+    assert "--grid: '..' cannot be a folder name" in capsys.readouterr().err
 
 
 def test_a_grid_folder_that_is_a_file_is_one_line(tmp_path, grid_file, capsys):
