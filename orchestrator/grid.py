@@ -456,7 +456,9 @@ def load_grid(path: str | Path) -> Grid:
     names = [m.spec.name for m in models]
     for i, n in enumerate(names):
         if names.index(n) != i:
-            raise ld.fail(f"models[{i}].name", f"duplicate model name '{n}'; names must differ")
+            raise ld.fail(
+                f"models[{i}].name", f"duplicate model name {shown(n)}; names must differ"
+            )
     tasks = tuple(ld.task(t, i, base) for i, t in enumerate(ld.axis(raw, "tasks")))
     task_names = [t.name for t in tasks]
     for i, n in enumerate(task_names):

@@ -324,6 +324,7 @@ INT64 = (-(2**63), 2**63 - 1)  # what a Parquet int64 column holds
 # most 2**64 - 1 and the store's seed column is an int64: seeds are 0..2**63 - 1.
 SEED_RANGE = (0, 2**63 - 1)
 MAX_SHOWN = 80  # characters of a value quoted in a message
+MAX_NAME_BYTES = 255  # of a folder name, on common file systems
 
 # The spec's sections and their keys in a grid file.
 SECTION_KEYS = {
@@ -404,11 +405,13 @@ def check_name(value: Any, key: str) -> None:
         or any(c in value for c in "/\\")
         or any(ord(c) < 32 or ord(c) == 127 for c in value)
         or value != value.strip()
+        or len(value.encode("utf-8", "replace")) > MAX_NAME_BYTES
     )
     if bad:
         raise SpecError(
             f"{key}: {shown(value)} cannot be a folder name; use letters, digits, '-', '_' or "
-            f"'.' (no '/', no '..', no control characters, not empty)"
+            f"'.' (no '/', no '..', no control characters, not empty, at most "
+            f"{MAX_NAME_BYTES} bytes)"
         )
 
 

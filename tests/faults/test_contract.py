@@ -50,6 +50,7 @@ INVALID = [
     ({"grid": "a/b"}, "name: 'a/b' cannot be a folder name"),
     ({"grid": ""}, "name: '' cannot be a folder name"),
     ({"grid": "x\n"}, "name: 'x\\n' cannot be a folder name"),
+    ({"grid": "x" * 256}, "name: 'xxxxxxx"),
     ({"model": ModelSpec(name="../up", source="gpt2")}, "model.name: '../up' cannot be"),
     ({"model": ModelSpec(name="m", source="")}, "model.source: is empty"),
     ({"train": TrainSpec(lr=0.0)}, "training.lr: 0.0 is too small; use a value above 0"),
