@@ -2,7 +2,8 @@
 names the file, the key path and the fix, before any trial is planned.
 
 The defaults of every section live in the worker's spec dataclasses (`DataSpec`,
-`TrainSpec`, `RuntimeSpec`) and equal the paper's protocol; a grid only states what it changes.
+`TrainSpec`, `RuntimeSpec`) and equal the paper's text protocol (grids/paper.yaml states the
+authors' code's); a grid only states what it changes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 from slimsweep.orchestrator.models import model_depth
+from slimsweep.workers.data import file_sha256
 from slimsweep.workers.spec import (
     HEADS,
     PKG_PREFIX,
@@ -29,6 +31,7 @@ from slimsweep.workers.spec import (
     check_choice,
     check_model,
     check_name,
+    check_sampler,
     check_section,
     check_seed,
     check_task,
@@ -104,9 +107,13 @@ TOP_KEYS = (
     "max_trials",
 )
 MODEL_KEYS = ("name", "source", "revision", "gguf_file", "trust_remote_code", "layers")
-# A grid writes `files:`; kind and data_files follow from it.
+# A grid writes `files:`; kind, data_files and file_digests follow from it.
 TASK_KEYS = (
-    *(f.name for f in dataclasses.fields(TaskSpec) if f.name not in ("kind", "data_files")),
+    *(
+        f.name
+        for f in dataclasses.fields(TaskSpec)
+        if f.name not in ("kind", "data_files", "file_digests")
+    ),
     "files",
 )
 
@@ -311,7 +318,10 @@ class _Loader:
         self.contract(check_task, task, key)
         for split, p in task.data_files:
             self.data_file(p, f"{key}.files.{split}")
-        return task
+        digests = tuple(
+            (split, self.file_digest(p, f"{key}.files.{split}")) for split, p in task.data_files
+        )
+        return dataclasses.replace(task, file_digests=digests)
 
     def data_file(self, path: str, key: str) -> None:
         """A task's data file exists and reads, checked now rather than once Ray runs."""
@@ -328,6 +338,14 @@ class _Loader:
             raise self.fail(
                 key, f"cannot read {shown(path)} ({e.strerror}); fix its permissions"
             ) from e
+
+    def file_digest(self, path: str, key: str) -> str:
+        """sha256 of a data file's bytes: part of the trial id, so that results computed from
+        other contents of the file are never taken for this grid's."""
+        try:
+            return file_sha256(path)
+        except OSError as e:
+            raise self.fail(key, f"cannot read {path} ({e.strerror}); fix the path") from None
 
 
 _EXAMPLES = {
@@ -507,6 +525,8 @@ def load_grid(path: str | Path) -> Grid:
     max_trials = raw.get("max_trials", Grid.max_trials)
     if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
         raise ld.fail("max_trials", f"expected an integer >= 1, got {shown(max_trials)}")
+    data = ld.section(raw, "data", DataSpec)
+    ld.contract(check_sampler, data)
     grid = Grid(
         name=name,
         path=str(path),
@@ -514,7 +534,7 @@ def load_grid(path: str | Path) -> Grid:
         tasks=tasks,
         heads=tuple(heads),
         seeds=tuple(seeds),
-        data=ld.section(raw, "data", DataSpec),
+        data=data,
         train=ld.section(raw, "training", TrainSpec),
         runtime=ld.section(raw, "runtime", RuntimeSpec),
         resources=res,
