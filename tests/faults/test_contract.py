@@ -189,3 +189,15 @@ def test_a_spec_file_with_a_wrong_shape_is_one_line(tmp_path, capsys):
     assert main(["run-trial", "--spec", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and str(path) in err
+
+
+def test_ids_do_not_change_when_sections_are_shared_between_trials():
+    """Sections are serialised once and shared: dropping a later field at its default from
+    one trial's identity must not drop it from the next trial's."""
+    authors = dataclasses.replace(SPEC, data=DataSpec(sampler="authors", train_per_class=True))
+    first = dataclasses.replace(SPEC, seed=1).identity()
+    second = dataclasses.replace(SPEC, seed=2).identity()
+    assert "sampler" not in first["data"] and "sampler" not in second["data"]
+    assert authors.identity()["data"]["sampler"] == "authors"
+    assert dataclasses.replace(SPEC, seed=1).trial_id == dataclasses.replace(SPEC, seed=1).trial_id
+    assert dataclasses.asdict(SPEC.data)["sampler"] == "slimsweep"
