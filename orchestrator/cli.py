@@ -12,6 +12,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import shlex
 import sys
 import traceback
 import warnings
@@ -125,9 +126,21 @@ def find_trial(grid: Grid, trial_id: str) -> TrialSpec:
 
 def grid_results(args: argparse.Namespace, grid: Grid) -> str:
     """The grid's own results folder or URI: <results root>/<grid name>."""
-    folder = f"{results_root(args, grid).rstrip('/')}/{grid.name}"
+    from slimsweep.orchestrator.store import join
+
+    folder = join(results_root(args, grid), grid.name)
     check_folder(folder, "results folder")
     return folder
+
+
+def rerun_hint(args: argparse.Namespace, grid: Grid, resume: bool) -> str:
+    """The command that runs the grid's missing (`resume`: and failed) trials, carrying the
+    --results it was given, quoted for a shell: it can be copied as it is."""
+    words = ["slimsweep", "launch", grid.path]
+    words += ["--results", args.results] if args.results else []
+    words += ["--resume"] if resume else []
+    what = "to rerun the failed trials" if resume else "to run the missing trials"
+    return f"{what}: {shlex.join(words)}"
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -150,10 +163,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
             f"grid '{grid.name}': {summary.total - summary.missing}/{summary.total} trials done"
             f"{f', {summary.failed} failed in this launch' if summary.failed else ''}"
         )
+        if summary.unsent:
+            print(
+                f"{summary.unsent} finished trial record(s) wait in {summary.unsent_dir} (the "
+                f"store did not answer); the next launch uploads them"
+            )
         if summary.failed or summary.failed_before_skipped:
-            print(f"to rerun the failed trials: slimsweep launch {grid.path} --resume")
+            print(rerun_hint(args, grid, resume=True))
         elif summary.missing:
-            print(f"to run the missing trials: slimsweep launch {grid.path}")
+            print(rerun_hint(args, grid, resume=False))
     return summary.exit_code
 
 
@@ -166,10 +184,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  done {st.done}/{st.total}, failed {len(st.failures)}, missing {st.missing}")
     for trial_id, error in st.failures:
         print(f"  failed {trial_id}: {error}")
+    for trial_id, problem in st.damaged:
+        print(f"  damaged {trial_id}: {problem}; the next launch reruns it")
+    if st.ignored:
+        print(f"  {st.ignored}")
+    if st.unsent:
+        print(f"  {st.unsent} finished trial(s) wait in {st.unsent_dir}; the next launch uploads")
+    if st.running:
+        print(f"  a launch is running: {st.running}")
     if st.failures:
-        print(f"to rerun the failed trials: slimsweep launch {grid.path} --resume")
+        print(rerun_hint(args, grid, resume=True))
     elif st.missing:
-        print(f"to run the missing trials: slimsweep launch {grid.path}")
+        print(rerun_hint(args, grid, resume=False))
     return st.exit_code
 
 
@@ -462,7 +488,8 @@ def _version() -> str:
 
 def one_line_warnings() -> None:
     """Python warnings as `slimsweep: warning: <message>`, one line without the source path,
-    each distinct message once per command."""
+    each distinct message once per command (a store's notice comes from every reader a
+    command uses)."""
     seen: set[str] = set()
 
     def show(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:

@@ -285,15 +285,6 @@ def test_warnings_are_one_line_each_without_a_source_path(grid_file, capsys, mon
     ]
 
 
-def test_a_damaged_result_file_is_one_warning_line_per_command(tmp_path, grid_file, capsys):
-    (tmp_path / "res" / "g" / "trials").mkdir(parents=True)
-    (tmp_path / "res" / "g" / "trials" / "0123456789abcdef.parquet").write_bytes(b"garbage")
-    assert main(["status", str(grid_file), "--results", str(tmp_path / "res")]) == 1
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("slimsweep: warning: ")
-    assert ".py:" not in err[0] and "0123456789abcdef.parquet" in err[0]
-
-
 # --- checks that need the model's tokenizer, made at plan time -----------------------------------
 
 TOKENIZER_GRID = """\
