@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +58,7 @@ TrialFn = Callable[..., tuple[TrialResult, list[EpochRow]]]
 RECORD_KEY = "slimsweep_record"
 TUNE_DIR = "_tune"  # Tune's own state and checkpoints, under the grid's results root
 PROGRESS_EVERY_S = 2.0
+HEARTBEAT_S = 30.0  # the progress line repeats at least this often while trials run
 ADDRESS_PROBE_S = 5.0  # how long `--address` may take to answer before launch gives up
 
 # --- GPU packing ---------------------------------------------------------------------------
@@ -200,48 +202,118 @@ def run_one(config: dict[str, Any], trial_fn: TrialFn | None = None) -> None:
     finally:
         if resume_dir:
             shutil.rmtree(resume_dir, ignore_errors=True)
+        release_memory()
     tune.report({RECORD_KEY: record})
+
+
+def release_memory() -> None:
+    """After a trial in a reused worker: free its tensors (reference cycles included) and
+    hand the CUDA cache back, so the next trial starts with the whole GPU share."""
+    gc.collect()
+    torch = sys.modules.get("torch")  # a stand-in trial may never have imported it
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # --- progress ------------------------------------------------------------------------------
 
 
+def expected_cost(spec: TrialSpec) -> float:
+    """A trial's relative cost for the ETA: parameters (1 per layer when the shape is
+    unknown) x epochs x training and validation examples. Only ratios between trials matter."""
+    cfg = model_config(spec.model.source)
+    params = estimate_params(cfg, spec.layers) if cfg and "vocab_size" in cfg else spec.layers
+    d = spec.data
+    train = d.train_size * (spec.task.n_classes if d.train_per_class else 1)
+    return float(params) * spec.train.epochs * (train + d.valid_size)
+
+
 @dataclass
 class Tally:
-    """Counts of this launch's trials and the durations of the finished ones."""
+    """This launch's trials by state (keyed by trial id) and what the finished ones took."""
 
-    total: int
+    costs: dict[str, float]  # every trial of this launch -> expected_cost
+    epochs: dict[str, int]  # -> its epoch budget (training.epochs)
     ok: int = 0
     failed: int = 0
     retries: int = 0
     unsent: int = 0  # records kept locally: the store did not take them
-    running: set[str] = field(default_factory=set)
-    durations: list[float] = field(default_factory=list)
+    running: dict[str, int] = field(default_factory=dict)  # -> the last epoch it reported
+    waiting: set[str] = field(default_factory=set)  # lost a process or node; to be retried
+    finished: set[str] = field(default_factory=set)  # recorded, ok or failed, or kept locally
+    ok_s: float = 0.0  # wall seconds of the trials that finished ok ...
+    ok_cost: float = 0.0  # ... and their expected cost
     lanes: int = 1  # most trials seen running at once: the concurrency the ETA assumes
 
+    @classmethod
+    def of(cls, specs: list[TrialSpec]) -> Tally:
+        return cls(
+            costs={s.trial_id: expected_cost(s) for s in specs},
+            epochs={s.trial_id: s.train.epochs for s in specs},
+        )
+
+    @property
+    def total(self) -> int:
+        return len(self.costs)
+
     def start(self, trial: str) -> None:
-        self.running.add(trial)
+        self.waiting.discard(trial)
+        self.running.setdefault(trial, 0)
         self.lanes = max(self.lanes, len(self.running))
+
+    def epoch(self, trial: str, epoch: int) -> None:
+        if trial in self.running:
+            self.running[trial] = epoch
+
+    def retry(self, trial: str) -> None:
+        self.retries += 1
+        self.running.pop(trial, None)
+        self.waiting.add(trial)
+
+    def finish(self, trial: str, ok: bool, seconds: float, sent: bool = True) -> None:
+        """The trial's record arrived: ok or failed, or (`sent` False) kept locally because
+        the store did not take it."""
+        self.running.pop(trial, None)
+        self.waiting.discard(trial)
+        self.finished.add(trial)
+        self.ok += sent and ok
+        self.failed += sent and not ok
+        self.unsent += not sent
+        if ok:
+            self.ok_s += seconds
+            self.ok_cost += self.costs[trial]
 
     @property
     def pending(self) -> int:
-        return self.total - self.ok - self.failed - self.unsent - len(self.running)
+        return (
+            self.total - self.ok - self.failed - self.unsent - len(self.running) - len(self.waiting)
+        )
 
     def eta_s(self) -> float | None:
-        """Mean trial time x rounds left at the current concurrency; None before the first."""
-        if not self.durations:
+        """Seconds per unit of expected cost, as measured on the trials that finished ok, x
+        the cost left (a running trial's share by its epochs) / the concurrency; None before
+        the first trial finishes."""
+        if not self.ok_cost:
             return None
-        left = self.total - self.ok - self.failed - self.unsent
-        return sum(self.durations) / len(self.durations) * math.ceil(left / self.lanes)
+        left = sum(
+            cost * (1 - self.running.get(t, 0) / self.epochs[t])
+            for t, cost in self.costs.items()
+            if t not in self.finished
+        )
+        return self.ok_s / self.ok_cost * left / self.lanes
 
     def line(self) -> str:
         eta = self.eta_s()
+        shown = [f"{t[:8]} epoch {e}/{self.epochs[t]}" for t, e in list(self.running.items())[:4]]
+        if len(self.running) > len(shown):
+            shown.append(f"+{len(self.running) - len(shown)} more")
         parts = [
             f"done {self.ok}/{self.total}",
-            f"running {len(self.running)}",
-            f"failed {self.failed}",
-            f"pending {self.pending}",
+            f"running {len(self.running)}" + (f" ({', '.join(shown)})" if shown else ""),
         ]
+        if self.waiting:
+            parts.append(f"waiting for retry {len(self.waiting)}")
+        parts += [f"failed {self.failed}", f"pending {self.pending}"]
         if self.retries:
             parts.append(f"retried {self.retries}")
         if self.unsent:
@@ -284,70 +356,85 @@ def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> A
     from ray import tune
 
     class Recorder(tune.Callback):
-        """Writes each trial's record to the store as it arrives; prints a progress line when
-        the counts have changed, at most every PROGRESS_EVERY_S (a reused actor starts its next
-        trial right after the last one ends: one line for both, not two)."""
+        """Writes each trial's record to the store as it arrives, with its attempt count;
+        prints a progress line when the counts have changed, at most every PROGRESS_EVERY_S (a
+        reused actor starts its next trial right after the last one ends: one line for both,
+        not two), and at least every HEARTBEAT_S while trials run."""
 
         def __init__(self) -> None:
+            self.ids: dict[str, str] = {}  # Tune's trial id -> slimsweep's
             self.started: dict[str, float] = {}
+            self.recoveries: dict[str, int] = {}
             self.recorded: set[str] = set()
             self.last = ""
             self.shown_at = -math.inf
 
-        def _show(self) -> None:
+        def _id(self, trial: Any) -> str:
+            if trial.trial_id not in self.ids:
+                self.ids[trial.trial_id] = TrialSpec.from_json(trial.config["spec"]).trial_id
+            return self.ids[trial.trial_id]
+
+        def _show(self, force: bool = False) -> None:
             line = tally.line()
-            if line != self.last:
+            if line != self.last or force:
                 echo(time.strftime("%H:%M:%S ") + line)
                 self.last = line
                 self.shown_at = time.monotonic()
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-            if time.monotonic() - self.shown_at >= PROGRESS_EVERY_S:
-                self._show()
+            since = time.monotonic() - self.shown_at
+            if since >= PROGRESS_EVERY_S:
+                self._show(force=since >= HEARTBEAT_S and bool(tally.running))
 
         def on_experiment_end(self, trials: list, **info: Any) -> None:
             self._show()
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            tally.start(trial.trial_id)
-            self.started.setdefault(trial.trial_id, time.monotonic())
+            tally.start(self._id(trial))
+            self.started.setdefault(self._id(trial), time.monotonic())
 
         def on_trial_result(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
         ) -> None:
+            tid = self._id(trial)
             if RECORD_KEY not in result:
+                if isinstance(result.get("epoch"), int):
+                    tally.epoch(tid, result["epoch"])
                 return
             try:
                 record, epochs = decode_record(result[RECORD_KEY])
             except (ValueError, TypeError, KeyError) as e:  # not from run_one: a bug, recorded
                 record, epochs = failure_result(TrialSpec.from_json(trial.config["spec"]), e), []
+            record = dataclasses.replace(record, attempt=1 + self.recoveries.get(tid, 0))
             record, sent = keep(store, record, epochs, echo)
             if record.status != "ok":
                 error = f"{record.error_type}: {record.error_message}".splitlines()[0]
                 echo(f"trial {record.trial_id} failed: {error}")
             # A trial retried after its record arrived (its node went right after) reports
             # again: the store file is replaced, the counts must not grow.
-            if trial.trial_id not in self.recorded:
-                self.recorded.add(trial.trial_id)
-                tally.ok += sent and record.status == "ok"
-                tally.failed += sent and record.status != "ok"
-                tally.unsent += not sent
-                start = self.started.get(trial.trial_id, time.monotonic())
-                tally.durations.append(time.monotonic() - start)
-            tally.running.discard(trial.trial_id)
+            if tid not in self.recorded:
+                self.recorded.add(tid)
+                took = time.monotonic() - self.started.get(tid, time.monotonic())
+                tally.finish(tid, record.status == "ok", took, sent)
 
         def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            tally.retries += 1
+            tid = self._id(trial)
+            self.recoveries[tid] = self.recoveries.get(tid, 0) + 1
+            if tid not in self.recorded:
+                tally.retry(tid)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             """Out of retries (process or node lost max_failures + 1 times)."""
-            tally.running.discard(trial.trial_id)
-            if trial.trial_id in self.recorded:
+            tid = self._id(trial)
+            if tid in self.recorded:
                 return
+            self.recorded.add(tid)
             spec = TrialSpec.from_json(trial.config["spec"])
             error = _trial_error(trial)
-            keep(store, failure_result(spec, error), [], echo)
-            tally.failed += 1
+            failed = failure_result(spec, error)
+            failed = dataclasses.replace(failed, attempt=1 + self.recoveries.get(tid, 0))
+            _, sent = keep(store, failed, [], echo)
+            tally.finish(tid, False, 0.0, sent)
             first = f"{type(error).__name__}: {error}".splitlines()[0]
             echo(f"trial {spec.trial_id} failed: {first}")
 
@@ -551,13 +638,17 @@ def check_address(address: str) -> None:
         ) from e
 
 
-def _connect(address: str | None) -> tuple[Any, bool]:
+def _connect(address: str | None, echo: Callable[[str], None]) -> tuple[Any, bool]:
     """(ray, whether we started it). Without an address: reuse a running Ray of this process,
-    or start a local one sized to the machine."""
+    or start a private local one sized to the machine, even where RAY_ADDRESS is set or
+    `ray start` has run (joining a cluster is what --address is for)."""
     import ray
 
     if ray.is_initialized():
         return ray, False
+    # The driver's Ray core (C++) prints warnings and state dumps to the terminal when a node
+    # goes; errors only (all of it stays in the session logs).
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     if address:
         check_address(address)
         try:
@@ -569,17 +660,34 @@ def _connect(address: str | None) -> tuple[Any, bool]:
                 f"(or leave --address out to run on a local Ray)"
             ) from e
         return ray, True
+    running = _running_ray()
+    if running:
+        echo(
+            f"note: {running}; this launch runs on its own local Ray (to use that cluster: "
+            f"--address auto)"
+        )
     # A head started here serves only this process: no token needed (Ray >= 2.5x asks one).
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Workers must not re-resolve the environment through `uv run` (no network here, often).
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     ray.init(
+        address="local",  # a new Ray: never RAY_ADDRESS's or `ray start`'s
         num_cpus=os.cpu_count() or 1,
         include_dashboard=False,
         log_to_driver=False,
         logging_level=logging.WARNING,
     )
     return ray, True
+
+
+def _running_ray() -> str:
+    """What a plain `ray.init()` would join instead of starting a Ray; "" when nothing."""
+    if os.environ.get("RAY_ADDRESS"):
+        return f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set"
+    from ray._private.services import find_bootstrap_address
+
+    found = find_bootstrap_address(None)  # the address `ray start` wrote on this machine
+    return f"a Ray started with `ray start` runs here ({found})" if found else ""
 
 
 def _run_tune(
@@ -591,7 +699,7 @@ def _run_tune(
     echo: Callable[[str], None],
     trial_fn: TrialFn | None,
 ) -> Tally:
-    ray, started = _connect(address)
+    ray, started = _connect(address, echo)
     try:
         cluster = _probe_cluster(ray)
         resources = trial_resources(grid, specs, cluster, lambda m: echo(f"warning: {m}"))
@@ -601,7 +709,7 @@ def _run_tune(
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         from ray import tune
 
-        tally = Tally(total=len(specs))
+        tally = Tally.of(specs)
         name = f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         storage = f"{store.root}/{TUNE_DIR}"
         trainable = tune.with_resources(tune.with_parameters(run_one, trial_fn=trial_fn), resources)
@@ -630,21 +738,15 @@ def _run_tune(
                 callbacks=[_make_callback(store, tally, echo)],
             ),
         )
-        # Tune logs each lost trial with a traceback; the progress lines and the store carry
-        # the error instead (`slimsweep status`).
-        tune_log = logging.getLogger("ray.tune")
-        level = tune_log.level
-        tune_log.setLevel(logging.CRITICAL)
         try:
-            tuner.fit()
+            with _quiet_ray():
+                tuner.fit()
         except OSError as e:  # Tune's storage (the store) went away; its records are handled
             first = (str(e).strip() or type(e).__name__).splitlines()[0]
             echo(
                 f"warning: Tune lost its storage in {store.uri} ({first}); every record that "
                 f"arrived is recorded or kept locally, and the next launch runs what is missing"
             )
-        finally:
-            tune_log.setLevel(level)
         # Never read again (resume works from the store); if the store is away now, the next
         # launch removes it (_remove_leftovers).
         with contextlib.suppress(OSError):
@@ -653,6 +755,25 @@ def _run_tune(
     finally:
         if started:
             ray.shutdown()
+
+
+# Loggers quieted while Tune runs: Tune logs each lost trial with a traceback and Ray warns
+# (in colour) about dead workers and nodes; the progress lines and the store carry the error
+# instead (`slimsweep status`), and Ray's own logs keep everything on disk.
+QUIET_LOGGERS = {"ray.tune": logging.CRITICAL, "ray": logging.ERROR}
+
+
+@contextlib.contextmanager
+def _quiet_ray() -> Iterator[None]:
+    loggers = {name: logging.getLogger(name) for name in QUIET_LOGGERS}
+    levels = {name: log.level for name, log in loggers.items()}
+    for name, log in loggers.items():
+        log.setLevel(QUIET_LOGGERS[name])
+    try:
+        yield
+    finally:
+        for name, log in loggers.items():
+            log.setLevel(levels[name])
 
 
 def _trial_name(trial: Any) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import platform
+import re
 import resource
 import sys
 import time
@@ -54,14 +55,55 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+GIB = 1 << 30
+
+
+def gpu_memory(device: torch.device) -> tuple[int, int, int]:
+    """(allocated now, peak allocated, total) bytes of a CUDA device."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device), total
+
+
+def out_of_memory_message(
+    spec: TrialSpec, torch_message: str, allocated: int, peak: int, total: int
+) -> str:
+    """What the trial needed (held + the allocation that failed) against what the GPU had,
+    and what to change."""
+    tried = re.search(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB)", torch_message)
+    unit = {"GiB": GIB, "MiB": 1 << 20, "KiB": 1 << 10}
+    asked = float(tried[1]) * unit[tried[2]] if tried else 0
+    return (
+        f"trial {spec.trial_id}: CUDA out of memory: needed {(allocated + asked) / GIB:.2f} GiB "
+        f"({allocated / GIB:.2f} held + {asked / GIB:.2f} asked; peak {peak / GIB:.2f}) of a "
+        f"{total / GIB:.2f} GiB GPU shared with other trials; give each trial more of it "
+        f"(resources.gpus), or lower training.batch_size, runtime.eval_batch_size or layers"
+    )
+
+
 def run_trial(
     spec: TrialSpec, *, on_epoch: OnEpoch | None = None, resume_from: str | None = None
 ) -> tuple[TrialResult, list[EpochRow]]:
     """Load the truncated model, prepare the data, train, select, test; see `train.train`
-    for `on_epoch` (per-epoch rows and restart checkpoints) and `resume_from`."""
+    for `on_epoch` (per-epoch rows and restart checkpoints) and `resume_from`. A CUDA
+    out-of-memory error is re-raised saying what the trial needed and what the GPU had."""
+    spec.validate()
+    device = resolve_device(spec.runtime.device)
+    try:
+        return _run(spec, device, on_epoch, resume_from)
+    except torch.cuda.OutOfMemoryError as e:
+        first = (str(e).strip() or "out of memory").splitlines()[0]
+        held = gpu_memory(device) if device.type == "cuda" else (0, 0, 0)
+        raise torch.cuda.OutOfMemoryError(out_of_memory_message(spec, first, *held)) from e
+
+
+def _run(
+    spec: TrialSpec,
+    device: torch.device,
+    on_epoch: OnEpoch | None,
+    resume_from: str | None,
+) -> tuple[TrialResult, list[EpochRow]]:
     started = datetime.now(UTC).isoformat()
     t0 = time.monotonic()
-    device = resolve_device(spec.runtime.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SpecError(
             f"trial {spec.trial_id}: runtime.device is cuda but this machine has no usable GPU; "

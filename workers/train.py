@@ -30,10 +30,15 @@ import numpy as np
 import torch
 from slimsweep.workers.families import compile_layers
 from slimsweep.workers.heads import HEADS, Encoded, batch_loss, predict_logits
-from slimsweep.workers.spec import EpochRow, RuntimeSpec, TrialSpec
+from slimsweep.workers.spec import EpochRow, RuntimeSpec, SpecError, TrialSpec
 from torch import nn
 
 OnEpoch = Callable[[EpochRow, str | None], None]
+
+
+class LossNotFinite(SpecError):
+    """The training loss became NaN or infinite: the trial stops at that epoch."""
+
 
 CHECKPOINT_FILE = "state.pt"
 CPU_EVAL_BATCH = 32
@@ -345,13 +350,20 @@ def train(
             loss_sum += train_step(spec, model, examples, label_ids, optimizer, pad_id, device)
             state.train_tokens += sum(len(e.input_ids) for e in examples)
             steps += 1
+        loss = loss_sum.item() / steps  # the epoch's one host sync
+        if not math.isfinite(loss):  # diverged: every later epoch would be NaN too
+            raise LossNotFinite(
+                f"trial {spec.trial_id}: the training loss is {loss} at epoch {state.epoch + 1}; "
+                f"training diverged: lower training.lr (now {cfg.lr:g})"
+                + (" or use precision fp32" if cfg.precision != "fp32" else "")
+            )
         valid = data.valid
         val_acc = accuracy(predict(valid), [e.label for e in valid])
         state.val_history.append(val_acc)
         if best_epoch(state.val_history) == state.epoch:
             state.best_state = _cpu_copy(model)
         wall = time.monotonic() - start
-        row = EpochRow(spec.trial_id, state.epoch, loss_sum.item() / steps, val_acc, wall)
+        row = EpochRow(spec.trial_id, state.epoch, loss, val_acc, wall)
         state.rows.append(row)
         if on_epoch is not None:
             folder = None
