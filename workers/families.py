@@ -177,7 +177,8 @@ def _pkg_folder(source: str, trial: str) -> str:
     return spec.submodule_search_locations[0]
 
 
-def _cache_root(spec: TrialSpec) -> Path:
+def cache_root(spec: TrialSpec) -> Path:
+    """The worker's cache folder (runtime.cache_dir, default ~/.cache/slimsweep)."""
     return Path(spec.runtime.cache_dir) if spec.runtime.cache_dir else DEFAULT_CACHE
 
 
@@ -191,7 +192,7 @@ def _dequantised(spec: TrialSpec, folder: str) -> str:
     m = spec.model
     key = json.dumps([m.source, m.gguf_file, m.revision])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    root = _cache_root(spec) / "dequantised"
+    root = cache_root(spec) / "dequantised"
     target = root / f"{Path(m.gguf_file or '').stem}-{digest}"
     if (target / "config.json").exists():
         return str(target)
@@ -436,3 +437,33 @@ def load_model(spec: TrialSpec, kept: Sequence[int] | None = None) -> LoadedMode
         n_params=sum(p.numel() for p in model.parameters()),
         context_length=int(getattr(config, fam.context_key)),
     )
+
+
+def full_depth(spec: TrialSpec) -> int:
+    """The number of decoder layers of the trial's model, from its config (no weights read)."""
+    from transformers import AutoConfig
+
+    source = resolve_source(spec)
+    kwargs = {"revision": spec.model.revision, "trust_remote_code": spec.model.trust_remote_code}
+    with _quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(source, **kwargs)
+        except OSError as err:
+            raise _load_error(spec, source, err) from err
+    return int(getattr(config, family_of(config.model_type).layer_key))
+
+
+def load_full_lm(spec: TrialSpec) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer): the whole pretrained causal LM, every layer, in float32, in eval
+    mode. Only a selection's score pass loads it; a trial trains on `load_model`'s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(spec)
+    kwargs = {"revision": spec.model.revision, "trust_remote_code": spec.model.trust_remote_code}
+    with _quiet_transformers():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        except OSError as err:
+            raise _load_error(spec, source, err) from err
+    return model.eval(), tokenizer
