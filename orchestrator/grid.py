@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,18 @@ from slimsweep.workers.spec import (
     OVERFLOW_RULES,
     PKG_PREFIX,
     PRECISIONS,
+    CalibrationSpec,
     DataSpec,
     ModelSpec,
     RuntimeSpec,
+    SelectionSpec,
+    SpecError,
     TaskSpec,
     TrainSpec,
+    check_calibration,
 )
+from slimsweep.workers.synthetic import GENERATORS
+from slimsweep.workers.tables import SELECTIONS
 from slimsweep.workers.tasks import TASKS
 
 
@@ -59,6 +66,9 @@ class Grid:
     tasks: tuple[TaskSpec, ...]
     heads: tuple[str, ...]
     seeds: tuple[int, ...]
+    # each with the grid's calibration if the method reads one, else the default (so a
+    # method's trial ids never depend on a calibration it does not use)
+    selections: tuple[SelectionSpec, ...] = (SelectionSpec(),)
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
@@ -74,6 +84,8 @@ TOP_KEYS = (
     "tasks",
     "heads",
     "seeds",
+    "selections",
+    "calibration",
     "data",
     "training",
     "runtime",
@@ -284,6 +296,49 @@ class _Loader:
             raise self.fail(f"{key}.files.test", "missing; give a test file")
         return TaskSpec(**fields)
 
+    def selections(self, raw: dict, base: Path) -> tuple[SelectionSpec, ...]:
+        names = self.axis(raw, "selections") if "selections" in raw else ["first-k"]
+        for i, name in enumerate(names):
+            if name not in SELECTIONS:
+                raise self.fail(f"selections[{i}]", _unknown("selection", name, tuple(SELECTIONS)))
+        calibrated = [n for n in names if SELECTIONS[n].calibrated]
+        if "calibration" in raw and not calibrated:
+            users = ", ".join(n for n, m in SELECTIONS.items() if m.calibrated)
+            raise self.fail(
+                "calibration",
+                f"no selection in this grid reads calibration text (only {users} do); "
+                "remove calibration or add such a selection",
+            )
+        cal = self.calibration(raw, base)
+        return tuple(
+            SelectionSpec(n, cal if SELECTIONS[n].calibrated else CalibrationSpec()) for n in names
+        )
+
+    def calibration(self, raw: dict, base: Path) -> CalibrationSpec:
+        values = self.mapping(raw.get("calibration"), "calibration")
+        self.check_keys(values, CALIBRATION_KEYS, "calibration")
+        fields = {f.name: f for f in dataclasses.fields(CalibrationSpec)}
+        defaults = CalibrationSpec()
+        out = {
+            k: self.typed(v, getattr(defaults, k), f"calibration.{k}", fields[k].type)
+            for k, v in values.items()
+        }
+        cal = CalibrationSpec(**out)
+        try:
+            check_calibration(cal)
+        except SpecError as e:
+            raise self.fail("", str(e)) from e
+        if cal.source == "synthetic" and cal.name not in GENERATORS:
+            raise self.fail("calibration.name", _unknown("generator", cal.name, tuple(GENERATORS)))
+        if cal.source == "file":
+            path = Path(_resolve_source(cal.name, base))
+            if not path.is_file():
+                raise self.fail("calibration.name", f"no such file {str(path)!r}; fix the path")
+            # The content's digest, so that the trial id changes when the file does.
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            cal = dataclasses.replace(cal, name=str(path), digest=digest)
+        return cal
+
 
 _EXAMPLES = {
     "models": "models: [{name: gpt2-xl, source: openai-community/gpt2-xl, layers: [48, 1]}]",
@@ -293,7 +348,9 @@ _EXAMPLES = {
     "tasks": "tasks: [sst2, agnews]",
     "heads": "heads: [prompt-lm, prompt-cls, vanilla-cls]",
     "seeds": "seeds: [0, 42]",
+    "selections": "selections: [first-k, block-influence, angular]",
 }
+CALIBRATION_KEYS = ("source", "name", "n_examples", "max_tokens")  # digest: computed
 
 
 def _kind(v: Any) -> str:
@@ -349,6 +406,7 @@ def load_grid(path: str | Path) -> Grid:
     for i, s in enumerate(seeds):
         if isinstance(s, bool) or not isinstance(s, int):
             raise ld.fail(f"seeds[{i}]", f"seed {s!r} is not an integer; write e.g. 42")
+    selections = ld.selections(raw, base)
     resources = ld.mapping(raw.get("resources"), "resources")
     ld.check_keys(resources, ("cpus", "gpus", "custom"), "resources")
     custom = ld.mapping(resources.get("custom"), "resources.custom")
@@ -378,6 +436,7 @@ def load_grid(path: str | Path) -> Grid:
         tasks=tasks,
         heads=tuple(heads),
         seeds=tuple(seeds),
+        selections=selections,
         data=ld.section(raw, "data", DataSpec),
         train=ld.section(raw, "training", TrainSpec),
         runtime=ld.section(raw, "runtime", RuntimeSpec),
