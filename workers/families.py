@@ -29,7 +29,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +137,7 @@ class LoadedModel:
     kept_layers: tuple[int, ...]
     n_params: int
     context_length: int
+    selection_scores: dict[int, float] = field(default_factory=dict)  # what chose kept_layers
 
 
 def auto_class(head: str) -> Any:
@@ -368,8 +369,8 @@ def _check_kept(spec: TrialSpec, config: Any, fam: Family, kept: Sequence[int]) 
 
 def load_model(spec: TrialSpec, kept: Sequence[int] | None = None) -> LoadedModel:
     """The pretrained model reduced to the decoder layers `kept` (ascending source indices;
-    default the first `spec.layers`), with the head `spec.head` needs (LM head, or a new seeded
-    classifier with `n_classes` outputs), in float32.
+    default: those `spec.selection` chooses, with its scores), with the head `spec.head`
+    needs (LM head, or a new seeded classifier with `n_classes` outputs), in float32.
 
     The model is built with k layers, so layer i's own index (`layer_idx`, which the KV cache
     and per-layer attention types use) is i, its position in the pruned model, and the
@@ -379,7 +380,15 @@ def load_model(spec: TrialSpec, kept: Sequence[int] | None = None) -> LoadedMode
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    kept = tuple(range(spec.layers)) if kept is None else tuple(kept)
+    scores: dict[int, float] = {}
+    if kept is None:
+        # Imported here: the selection's score pass loads models through this module. Its
+        # random draws are undone by the seeding below.
+        from slimsweep.workers.selection import choose_layers
+
+        choice = choose_layers(spec)
+        kept, scores = choice.kept, choice.scores
+    kept = tuple(kept)
     source = resolve_source(spec)
     kwargs = {"revision": spec.model.revision, "trust_remote_code": spec.model.trust_remote_code}
     with _quiet_transformers():
@@ -433,6 +442,7 @@ def load_model(spec: TrialSpec, kept: Sequence[int] | None = None) -> LoadedMode
         tokenizer=tokenizer,
         family=fam.name,
         kept_layers=kept,
+        selection_scores=scores,
         # parameters() yields a tied weight once, so tied embeddings/heads count once.
         n_params=sum(p.numel() for p in model.parameters()),
         context_length=int(getattr(config, fam.context_key)),

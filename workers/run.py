@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 import torch
 from slimsweep.workers.data import prepare
 from slimsweep.workers.families import load_model
-from slimsweep.workers.selection import choose_layers
 from slimsweep.workers.spec import EpochRow, SpecError, TrialResult, TrialSpec
 from slimsweep.workers.train import (
     OnEpoch,
@@ -58,9 +57,9 @@ def device_name(device: torch.device) -> str:
 def run_trial(
     spec: TrialSpec, *, on_epoch: OnEpoch | None = None, resume_from: str | None = None
 ) -> tuple[TrialResult, list[EpochRow]]:
-    """Choose the kept layers, load the pruned model, prepare the data, train, select, test;
-    see `train.train` for `on_epoch` (per-epoch rows and restart checkpoints) and
-    `resume_from`."""
+    """Load the pruned model (the layers `spec.selection` keeps), prepare the data, train,
+    select, test; see `train.train` for `on_epoch` (per-epoch rows and restart checkpoints)
+    and `resume_from`."""
     started = datetime.now(UTC).isoformat()
     t0 = time.monotonic()
     device = resolve_device(spec.runtime.device)
@@ -69,10 +68,8 @@ def run_trial(
             f"trial {spec.trial_id}: runtime.device is cuda but this machine has no usable GPU; "
             f"set runtime.device: auto or cpu"
         )
-    # Before seeding: a score pass (or reading its cache) must not change what the trial draws.
-    choice = choose_layers(spec)
     seed_everything(spec.seed, device)
-    loaded = load_model(spec, choice.kept)
+    loaded = load_model(spec)
     data = prepare(spec, loaded.tokenizer, loaded.context_length)
     model = loaded.model.to(device)
     if device.type == "cuda":
@@ -93,7 +90,7 @@ def run_trial(
         spec_json=spec.to_json(),
         kept_layers=loaded.kept_layers,
         n_params=loaded.n_params,
-        selection_scores_json=json.dumps(choice.scores, sort_keys=True),
+        selection_scores_json=json.dumps(loaded.selection_scores, sort_keys=True),
         best_epoch=out.best_epoch,
         epochs_run=len(out.rows),
         val_acc=out.val_acc,
