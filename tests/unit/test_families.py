@@ -281,3 +281,18 @@ def test_smollm2_from_its_package_with_two_layers(tmp_path: Path) -> None:
     again = load_model(spec)  # from the cache folder: no second de-quantisation
     assert list((tmp_path / "dequantised").iterdir()) == cached
     assert again.n_params == loaded.n_params
+
+
+def test_attention_scaled_by_layer_index_keeps_only_first_k(deep_tiny_models, tmp_path) -> None:
+    import json
+    import shutil
+
+    folder = tmp_path / "scaled"
+    shutil.copytree(deep_tiny_models["gpt2"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({**config, "scale_attn_by_inverse_layer_idx": True})
+    )
+    with pytest.raises(SpecError, match="only its first k layers can be kept"):
+        load_model(make_spec(str(folder), 2), kept=[0, 2])
+    assert load_model(make_spec(str(folder), 2), kept=[0, 1]).kept_layers == (0, 1)

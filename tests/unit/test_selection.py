@@ -98,6 +98,13 @@ def test_random_is_seeded_sorted_and_k_long() -> None:
     assert len(set(many)) == 8 and list(many) == sorted(many)
 
 
+def test_rule_methods_read_only_the_depth(deep_tiny_models, tmp_path: Path) -> None:
+    folder = deep_tiny_models["gpt2"]
+    assert choose_layers(make_spec(folder, "first-k", tmp_path, layers=3)).kept == (0, 1, 2)
+    assert choose_layers(make_spec(folder, "random", tmp_path, layers=3)).kept == (0, 3, 5)
+    assert not (tmp_path / "selection-scores").exists()
+
+
 # --- known answers -------------------------------------------------------------------------
 
 
