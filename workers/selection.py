@@ -116,8 +116,9 @@ def layer_io(
         seen.append((_hidden_in(args, kwargs), _hidden_out(output)))
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in _layers(model, fam)]
+    body = fam.get(model, "body")  # the hidden states suffice: no vocabulary logits
     try:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()
