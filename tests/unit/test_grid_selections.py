@@ -146,3 +146,17 @@ def test_plan_shows_the_selection_axis(tmp_path: Path, capsys: pytest.CaptureFix
         "angular",
         "angular",
     ]
+
+
+def test_selection_demo_grid_expands_to_one_trial_per_method() -> None:
+    grids = Path(__file__).resolve().parents[2] / "grids"
+    specs = expand(load_grid(grids / "selection-demo.yaml"))
+    assert [s.selection.method for s in specs] == [
+        "first-k",
+        "random",
+        "block-influence",
+        "angular",
+        "magnitude-l2",
+        "taylor",
+    ]
+    assert {s.layers for s in specs} == {8}
