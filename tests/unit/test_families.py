@@ -296,3 +296,21 @@ def test_attention_scaled_by_layer_index_keeps_only_first_k(deep_tiny_models, tm
     with pytest.raises(SpecError, match="only its first k layers can be kept"):
         load_model(make_spec(str(folder), 2), kept=[0, 2])
     assert load_model(make_spec(str(folder), 2), kept=[0, 1]).kept_layers == (0, 1)
+
+
+def test_model_commit_names_what_was_read(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from slimsweep.workers.families import model_commit
+
+    hub = make_spec("openai-community/gpt2-xl", 1)
+    assert model_commit(hub, SimpleNamespace(_commit_hash="15ea56dee5df4983"), "x") == (
+        "15ea56dee5df4983"
+    )
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    local = make_spec(str(tmp_path), 1)
+    # sha256 of the config's bytes, computed independently (sha256sum)
+    assert model_commit(local, SimpleNamespace(_commit_hash=None), str(tmp_path)) == (
+        "local:329499c21b8237d4"
+    )
+    assert model_commit(hub, SimpleNamespace(_commit_hash=None), "nowhere") == "unpinned"
