@@ -314,3 +314,34 @@ def test_model_commit_names_what_was_read(tmp_path: Path) -> None:
         "local:329499c21b8237d4"
     )
     assert model_commit(hub, SimpleNamespace(_commit_hash=None), "nowhere") == "unpinned"
+
+
+def test_a_pruned_model_reads_only_its_kept_layers(deep_tiny_models, monkeypatch) -> None:
+    import safetensors
+
+    read: list[str] = []
+    real_open = safetensors.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs) -> None:
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.handle.__exit__(*exc)
+
+        def keys(self):
+            return self.handle.keys()
+
+        def get_slice(self, key: str):
+            read.append(key)
+            return self.handle.get_slice(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    load_model(make_spec(str(deep_tiny_models["llama"]), 2), kept=[1, 4])
+    layers = sorted({k.split(".")[2] for k in read if k.startswith("model.layers.")})
+    assert layers == ["1", "4"]
+    assert "model.embed_tokens.weight" in read and "model.norm.weight" in read
