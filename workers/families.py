@@ -331,7 +331,9 @@ def _kept_weights(
     """The kept layers' tensors under their new keys, as lazy safetensors slices: a tensor is
     read from disk (memory-mapped) only when `from_pretrained` copies it into the model, so
     loading never holds the layers left out, nor the full checkpoint. Slices are what
-    `from_pretrained` makes of a safetensors file itself; the files stay open until the end."""
+    `from_pretrained` makes of a safetensors file itself; the files stay open until the end.
+    (`from_pretrained(key_mapping=...)` would read the checkpoint itself, but its renamings
+    apply one after another, so 5 -> 2 and 2 -> 1 would chain, and it cannot drop a layer.)"""
     from safetensors import safe_open
 
     with contextlib.ExitStack() as stack:
@@ -346,13 +348,10 @@ def _kept_weights(
 def _model_class(head: str, config: Any, trial: str) -> Any:
     """The concrete class `auto_class(head)` builds for `config`: loading from a state dict
     needs it (the Auto classes want a checkpoint path to look for remote code in)."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING as LM
+    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING as CLS
 
-    mapping = (
-        MODEL_FOR_CAUSAL_LM_MAPPING
-        if head == "prompt-lm"
-        else (MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING)
-    )
+    mapping = LM if head == "prompt-lm" else CLS
     if type(config) not in mapping:
         raise SpecError(
             f"trial {trial}: model_type {config.model_type!r} has no class built into "
