@@ -29,6 +29,7 @@ from slimsweep.orchestrator.plan import (
     unpinned,
 )
 from slimsweep.workers.spec import SpecError, TrialSpec, check_name, cut
+from slimsweep.workers.tables import SELECTIONS
 
 DEFAULT_RESULTS = "results"
 USER_ERROR, UNEXPECTED_ERROR, INTERRUPTED = 2, 3, 130
@@ -94,6 +95,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  model {m.spec.name:<14} {m.spec.source}  layers {list(m.layers)}{depth}")
         print(f"  tasks  {', '.join(t.name for t in grid.tasks)}")
         print(f"  heads  {', '.join(grid.heads)}")
+        print(f"  selections  {', '.join(s.method for s in grid.selections)}")
+        cal = next(
+            (s.calibration for s in grid.selections if SELECTIONS[s.method].calibrated), None
+        )
+        if cal is not None:
+            source = f"{cal.source} {cal.name}".strip()
+            print(f"  calibration  {source}, {cal.n_examples} texts of <= {cal.max_tokens} tokens")
         print(f"  seeds  {', '.join(map(str, grid.seeds))}")
         per_model = Counter(s.model.name for s in specs)
         print("  trials per model: " + ", ".join(f"{k} {v}" for k, v in per_model.items()))

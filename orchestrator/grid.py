@@ -22,12 +22,15 @@ from slimsweep.workers.data import file_sha256
 from slimsweep.workers.spec import (
     HEADS,
     PKG_PREFIX,
+    CalibrationSpec,
     DataSpec,
     ModelSpec,
     RuntimeSpec,
+    SelectionSpec,
     SpecError,
     TaskSpec,
     TrainSpec,
+    check_calibration,
     check_choice,
     check_model,
     check_name,
@@ -39,6 +42,8 @@ from slimsweep.workers.spec import (
     shown,
     unknown,
 )
+from slimsweep.workers.synthetic import GENERATORS
+from slimsweep.workers.tables import SELECTIONS
 from slimsweep.workers.tasks import TASKS
 
 
@@ -69,6 +74,9 @@ class Grid:
     tasks: tuple[TaskSpec, ...]
     heads: tuple[str, ...]
     seeds: tuple[int, ...]
+    # each with the grid's calibration if the method reads one, else the default (so a
+    # method's trial ids never depend on a calibration it does not use)
+    selections: tuple[SelectionSpec, ...] = (SelectionSpec(),)
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
@@ -84,6 +92,7 @@ class Grid:
             sum(len(m.layers) for m in self.models)
             * len(self.tasks)
             * len(self.heads)
+            * len(self.selections)
             * len(self.seeds)
         )
 
@@ -98,6 +107,8 @@ TOP_KEYS = (
     "tasks",
     "heads",
     "seeds",
+    "selections",
+    "calibration",
     "data",
     "training",
     "runtime",
@@ -339,6 +350,49 @@ class _Loader:
                 key, f"cannot read {shown(path)} ({e.strerror}); fix its permissions"
             ) from e
 
+    def selections(self, raw: dict, base: Path) -> tuple[SelectionSpec, ...]:
+        names = self.axis(raw, "selections") if "selections" in raw else ["first-k"]
+        for i, name in enumerate(names):
+            if name not in SELECTIONS:
+                raise self.fail(f"selections[{i}]", unknown("selection", name, tuple(SELECTIONS)))
+        calibrated = [n for n in names if SELECTIONS[n].calibrated]
+        if "calibration" in raw and not calibrated:
+            users = ", ".join(n for n, m in SELECTIONS.items() if m.calibrated)
+            raise self.fail(
+                "calibration",
+                f"no selection in this grid reads calibration text (only {users} do); "
+                "remove calibration or add such a selection",
+            )
+        cal = self.calibration(raw, base)
+        return tuple(
+            SelectionSpec(n, cal if SELECTIONS[n].calibrated else CalibrationSpec()) for n in names
+        )
+
+    def calibration(self, raw: dict, base: Path) -> CalibrationSpec:
+        values = self.mapping(raw.get("calibration"), "calibration")
+        self.check_keys(values, CALIBRATION_KEYS, "calibration")
+        fields = {f.name: f for f in dataclasses.fields(CalibrationSpec)}
+        defaults = CalibrationSpec()
+        out = {
+            k: self.typed(v, getattr(defaults, k), f"calibration.{k}", fields[k].type)
+            for k, v in values.items()
+        }
+        cal = CalibrationSpec(**out)
+        try:
+            check_calibration(cal)
+        except SpecError as e:
+            raise self.fail("", str(e)) from e
+        if cal.source == "synthetic" and cal.name not in GENERATORS:
+            raise self.fail("calibration.name", unknown("generator", cal.name, tuple(GENERATORS)))
+        if cal.source == "file":
+            path = Path(_resolve_source(cal.name, base))
+            if not path.is_file():
+                raise self.fail("calibration.name", f"no such file {str(path)!r}; fix the path")
+            # The content's digest, so that the trial id changes when the file does.
+            digest = self.file_digest(str(path), "calibration.name")
+            cal = dataclasses.replace(cal, name=str(path), digest=digest)
+        return cal
+
     def file_digest(self, path: str, key: str) -> str:
         """sha256 of a data file's bytes: part of the trial id, so that results computed from
         other contents of the file are never taken for this grid's."""
@@ -356,7 +410,9 @@ _EXAMPLES = {
     "tasks": "tasks: [sst2, agnews]",
     "heads": "heads: [prompt-lm, prompt-cls, vanilla-cls]",
     "seeds": "seeds: [0, 42]",
+    "selections": "selections: [first-k, block-influence, angular]",
 }
+CALIBRATION_KEYS = ("source", "name", "n_examples", "max_tokens")  # digest: computed
 
 
 def _kind(v: Any) -> str:
@@ -492,6 +548,7 @@ def load_grid(path: str | Path) -> Grid:
     seeds = ld.axis(raw, "seeds")
     for i, s in enumerate(seeds):
         ld.contract(check_seed, s, f"seeds[{i}]")
+    selections = ld.selections(raw, base)
     resources = ld.mapping(raw.get("resources"), "resources")
     ld.check_keys(resources, ("cpus", "gpus", "custom"), "resources")
     custom = ld.mapping(resources.get("custom"), "resources.custom")
@@ -534,6 +591,7 @@ def load_grid(path: str | Path) -> Grid:
         tasks=tasks,
         heads=tuple(heads),
         seeds=tuple(seeds),
+        selections=selections,
         data=data,
         train=ld.section(raw, "training", TrainSpec),
         runtime=ld.section(raw, "runtime", RuntimeSpec),

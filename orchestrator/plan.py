@@ -21,7 +21,8 @@ from slimsweep.workers.tasks import HUB_COUNTS, PoolCounts
 
 
 def expand(grid: Grid) -> list[TrialSpec]:
-    """model x (that model's layer counts) x task x head x seed, in that order."""
+    """model x (that model's layer counts) x task x head x selection x seed, in that order
+    (one selection, the default first-k, gives the order and ids of grids without one)."""
     return [
         TrialSpec(
             grid=grid.name,
@@ -30,6 +31,7 @@ def expand(grid: Grid) -> list[TrialSpec]:
             task=task,
             head=head,
             seed=seed,
+            selection=selection,
             data=grid.data,
             train=grid.train,
             runtime=grid.runtime,
@@ -38,6 +40,7 @@ def expand(grid: Grid) -> list[TrialSpec]:
         for k in m.layers
         for task in grid.tasks
         for head in grid.heads
+        for selection in grid.selections
         for seed in grid.seeds
     ]
 

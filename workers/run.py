@@ -83,9 +83,10 @@ def out_of_memory_message(
 def run_trial(
     spec: TrialSpec, *, on_epoch: OnEpoch | None = None, resume_from: str | None = None
 ) -> tuple[TrialResult, list[EpochRow]]:
-    """Load the truncated model, prepare the data, train, select, test; see `train.train`
-    for `on_epoch` (per-epoch rows and restart checkpoints) and `resume_from`. A CUDA
-    out-of-memory error is re-raised saying what the trial needed and what the GPU had."""
+    """Load the pruned model (the layers `spec.selection` keeps), prepare the data, train,
+    select, test; see `train.train` for `on_epoch` (per-epoch rows and restart checkpoints)
+    and `resume_from`. A CUDA out-of-memory error is re-raised saying what the trial needed
+    and what the GPU had."""
     spec.validate()
     device = resolve_device(spec.runtime.device)
     try:
@@ -131,6 +132,7 @@ def _run(
         spec_json=spec.to_json(),
         kept_layers=loaded.kept_layers,
         n_params=loaded.n_params,
+        selection_scores_json=json.dumps(loaded.selection_scores, sort_keys=True),
         best_epoch=out.best_epoch,
         epochs_run=len(out.rows),
         val_acc=out.val_acc,
