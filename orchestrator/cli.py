@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from slimsweep.orchestrator.grid import Grid, GridError, load_grid
-from slimsweep.orchestrator.plan import expand
+from slimsweep.orchestrator.plan import expand, gpu_hours
 from slimsweep.workers.spec import SpecError, TrialSpec
 
 DEFAULT_RESULTS = "results"
@@ -36,8 +36,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"  tasks  {', '.join(t.name for t in grid.tasks)}")
         print(f"  heads  {', '.join(grid.heads)}")
         print(f"  seeds  {', '.join(map(str, grid.seeds))}")
+        print(f"  finetunes {', '.join(f.label for f in grid.finetunes)}")
         per_model = Counter(s.model.name for s in specs)
         print("  trials per model: " + ", ".join(f"{k} {v}" for k, v in per_model.items()))
+        cost = gpu_hours(specs)
+        unknown = f"; {cost.unknown} trials of unknown shape not counted" if cost.unknown else ""
+        print(
+            f"  GPU-hours, an estimate (one trial at a time on an H100, fp32 step costs "
+            f"measured there): at most {cost.hours:.1f} (all {grid.train.epochs} epochs), "
+            f"{cost.hours_at_20:.1f} if early stopping ends trials at epoch 20{unknown}"
+        )
         return 0
     rows = [s.axes() for s in specs]
     if args.format == "json":

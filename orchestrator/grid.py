@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,15 @@ from slimsweep.workers.spec import (
     PKG_PREFIX,
     PRECISIONS,
     DataSpec,
+    FinetuneSpec,
     ModelSpec,
     RuntimeSpec,
+    SpecError,
     TaskSpec,
     TrainSpec,
+    check_finetune,
 )
+from slimsweep.workers.tables import FINETUNES
 from slimsweep.workers.tasks import TASKS
 
 
@@ -59,6 +64,7 @@ class Grid:
     tasks: tuple[TaskSpec, ...]
     heads: tuple[str, ...]
     seeds: tuple[int, ...]
+    finetunes: tuple[FinetuneSpec, ...] = (FinetuneSpec(),)
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
@@ -74,6 +80,7 @@ TOP_KEYS = (
     "tasks",
     "heads",
     "seeds",
+    "finetunes",
     "data",
     "training",
     "runtime",
@@ -90,6 +97,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "overflow": OVERFLOW_RULES,
     "optimizer": ("adamw",),
     "device": ("auto", "cpu", "cuda"),
+}
+FINETUNE_NAMES = tuple(f.spelling for f in FINETUNES.values())
+LAST_N = re.compile(r"last-(\d+)")
+# The mapping form's keys -> FinetuneSpec fields (lora, qlora).
+LORA_KEYS = {
+    "r": "lora_r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "targets": "lora_targets",
 }
 
 
@@ -240,6 +256,64 @@ class _Loader:
             )
         return v
 
+    def finetune(self, raw: Any, key: str) -> FinetuneSpec:
+        """`full`, `head-only`, `last-3`, `lora`, `qlora`, or `{lora: {r: 16, ...}}`."""
+        if isinstance(raw, dict):
+            if len(raw) != 1:
+                raise self.fail(key, "expected one mode with its settings, e.g. {lora: {r: 16}}")
+            ((name, settings),) = raw.items()
+            mode = FINETUNES.get(str(name))
+            if mode is None:
+                raise self.fail(key, _unknown("finetune", name, FINETUNE_NAMES))
+            if not mode.lora:
+                raise self.fail(key, f"{name} takes no settings; write it as a plain name")
+            values = self.mapping(settings, f"{key}.{name}")
+            self.check_keys(values, tuple(LORA_KEYS), f"{key}.{name}")
+            default = FinetuneSpec()
+            out: dict[str, Any] = {}
+            for k, v in values.items():
+                field_key, name_key = LORA_KEYS[k], f"{key}.{name}.{k}"
+                if k == "targets":
+                    if not isinstance(v, list) or not v or not all(isinstance(t, str) for t in v):
+                        raise self.fail(name_key, "expected a list of module names, e.g. [q_proj]")
+                    out[field_key] = tuple(v)
+                else:
+                    out[field_key] = self.typed(v, getattr(default, field_key), name_key, "")
+            return FinetuneSpec(mode=mode.name, **out)
+        if not isinstance(raw, str):
+            raise self.fail(key, f"expected a mode name or a mapping, got {_kind(raw)}")
+        if raw in ("last-N", "last-n"):
+            raise self.fail(key, "write how many layers train, e.g. last-3")
+        last = LAST_N.fullmatch(raw)
+        if last:
+            return FinetuneSpec(mode="last-n", last_n=int(last.group(1)))
+        if raw not in FINETUNES or raw == "last-n":
+            raise self.fail(key, _unknown("finetune", raw, FINETUNE_NAMES))
+        return FinetuneSpec(mode=raw)
+
+    def finetunes(
+        self, raw: dict, models: tuple[ModelAxis, ...], device: str
+    ) -> tuple[FinetuneSpec, ...]:
+        """The `finetunes:` axis (default: full only), checked against every kept depth."""
+        if "finetunes" not in raw:
+            return (FinetuneSpec(),)
+        out = [
+            self.finetune(v, f"finetunes[{i}]") for i, v in enumerate(self.axis(raw, "finetunes"))
+        ]
+        labels = [f.label for f in out]
+        for i, ft in enumerate(out):
+            if labels.index(ft.label) != i:
+                raise self.fail(f"finetunes[{i}]", f"duplicate finetune {ft.label}; list it once")
+            for m in models:
+                for k in m.layers:
+                    try:
+                        check_finetune(ft, k, device)
+                    except SpecError as e:
+                        raise self.fail(
+                            f"finetunes[{i}]", f"model '{m.spec.name}' at {k} layers: {e}"
+                        ) from None
+        return tuple(out)
+
     def task(self, raw: Any, i: int, base: Path) -> TaskSpec:
         key = f"tasks[{i}]"
         if isinstance(raw, str):
@@ -293,6 +367,7 @@ _EXAMPLES = {
     "tasks": "tasks: [sst2, agnews]",
     "heads": "heads: [prompt-lm, prompt-cls, vanilla-cls]",
     "seeds": "seeds: [0, 42]",
+    "finetunes": "finetunes: [full, last-3, lora]",
 }
 
 
@@ -371,6 +446,7 @@ def load_grid(path: str | Path) -> Grid:
     results = raw.get("results")
     if results is not None and not isinstance(results, str):
         raise ld.fail("results", "expected a folder or URI, e.g. results: s3://bucket/sweeps")
+    runtime = ld.section(raw, "runtime", RuntimeSpec)
     return Grid(
         name=name,
         path=str(path),
@@ -378,9 +454,10 @@ def load_grid(path: str | Path) -> Grid:
         tasks=tasks,
         heads=tuple(heads),
         seeds=tuple(seeds),
+        finetunes=ld.finetunes(raw, models, runtime.device),
         data=ld.section(raw, "data", DataSpec),
         train=ld.section(raw, "training", TrainSpec),
-        runtime=ld.section(raw, "runtime", RuntimeSpec),
+        runtime=runtime,
         resources=res,
         max_failures=max_failures,
         results=results,
