@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 from slimsweep.orchestrator.models import model_depth
+from slimsweep.workers.data import file_sha256
 from slimsweep.workers.spec import (
     HEADS,
     LABEL_WORD_RULES,
@@ -24,6 +25,7 @@ from slimsweep.workers.spec import (
     OVERFLOW_RULES,
     PKG_PREFIX,
     PRECISIONS,
+    SAMPLERS,
     DataSpec,
     FinetuneSpec,
     ModelSpec,
@@ -32,6 +34,7 @@ from slimsweep.workers.spec import (
     TaskSpec,
     TrainSpec,
     check_finetune,
+    check_sampler,
 )
 from slimsweep.workers.tables import FINETUNES
 from slimsweep.workers.tasks import TASKS
@@ -95,6 +98,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lm_loss": LM_LOSSES,
     "label_word_rule": LABEL_WORD_RULES,
     "overflow": OVERFLOW_RULES,
+    "sampler": SAMPLERS,
     "optimizer": ("adamw",),
     "device": ("auto", "cpu", "cuda"),
 }
@@ -354,9 +358,22 @@ class _Loader:
                 "must contain {text} and end with {label}, e.g. "
                 "'Review: {text}\\nSentiment:{label}'",
             )
-        if fields["kind"] == "files" and not dict(fields["data_files"]).get("test"):
-            raise self.fail(f"{key}.files.test", "missing; give a test file")
+        if fields["kind"] == "files":
+            if not dict(fields["data_files"]).get("test"):
+                raise self.fail(f"{key}.files.test", "missing; give a test file")
+            fields["file_digests"] = tuple(
+                (split, self.file_digest(path, f"{key}.files.{split}"))
+                for split, path in fields["data_files"]
+            )
         return TaskSpec(**fields)
+
+    def file_digest(self, path: str, key: str) -> str:
+        """sha256 of a data file's bytes: part of the trial id, so that results computed from
+        other contents of the file are never taken for this grid's."""
+        try:
+            return file_sha256(path)
+        except OSError as e:
+            raise self.fail(key, f"cannot read {path} ({e.strerror}); fix the path") from None
 
 
 _EXAMPLES = {
@@ -447,6 +464,11 @@ def load_grid(path: str | Path) -> Grid:
     if results is not None and not isinstance(results, str):
         raise ld.fail("results", "expected a folder or URI, e.g. results: s3://bucket/sweeps")
     runtime = ld.section(raw, "runtime", RuntimeSpec)
+    data = ld.section(raw, "data", DataSpec)
+    try:
+        check_sampler(data)
+    except SpecError as e:
+        raise GridError(f"{path}: {e}") from None
     return Grid(
         name=name,
         path=str(path),
@@ -455,7 +477,7 @@ def load_grid(path: str | Path) -> Grid:
         heads=tuple(heads),
         seeds=tuple(seeds),
         finetunes=ld.finetunes(raw, models, runtime.device),
-        data=ld.section(raw, "data", DataSpec),
+        data=data,
         train=ld.section(raw, "training", TrainSpec),
         runtime=runtime,
         resources=res,

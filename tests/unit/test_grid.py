@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -50,11 +51,13 @@ def test_paper_grid_expands_to_600_distinct_trials():
 
 
 def test_trial_ids_are_stable_across_loads_and_ignore_runtime(tmp_path):
-    a = [s.trial_id for s in expand(load_grid(GRIDS / "paper.yaml"))]
-    b = [s.trial_id for s in expand(load_grid(GRIDS / "paper.yaml"))]
+    a = [s.trial_id for s in expand(load_grid(GRIDS / "paper-text.yaml"))]
+    b = [s.trial_id for s in expand(load_grid(GRIDS / "paper-text.yaml"))]
     assert a == b
     # Pinned literally: the same trial has the same id on every machine and every release
-    # (the paper grid names hub ids, no local paths). A change here orphans stored results.
+    # (the grid names hub ids, no local paths). A change here orphans stored results. These
+    # are the ids of grids/paper.yaml before it followed the authors' code: paper-text.yaml
+    # keeps its settings.
     assert (a[0], a[-1]) == ("8376026e5ed28074", "a61f49dffd5dd9a5")
     assert hashlib.sha256(",".join(a).encode()).hexdigest()[:16] == "b8feb12a7924eb0d"
     fast = write(tmp_path, MINIMAL + "runtime: {eval_batch_size: 8}\nresources: {gpus: 1}\n")
@@ -63,6 +66,50 @@ def test_trial_ids_are_stable_across_loads_and_ignore_runtime(tmp_path):
     assert [s.trial_id for s in expand(load_grid(fast))] == [
         s.trial_id for s in expand(load_grid(slow))
     ]
+
+
+def test_paper_grid_ids_are_pinned():
+    # The authors'-code protocol (per-class training rows, weight decay 0.01, their draws).
+    a = [s.trial_id for s in expand(load_grid(GRIDS / "paper.yaml"))]
+    assert (a[0], a[-1]) == ("e87e7a1d22fb532f", "d4702b17979f1dc2")
+    assert hashlib.sha256(",".join(a).encode()).hexdigest()[:16] == "334cf1f683b4b7cc"
+
+
+def test_paper_grids_differ_only_in_the_authors_code_settings():
+    code, text = (load_grid(GRIDS / f"{n}.yaml") for n in ("paper", "paper-text"))
+    assert (code.models, code.tasks, code.heads, code.seeds) == (
+        text.models,
+        text.tasks,
+        text.heads,
+        text.seeds,
+    )
+    assert dataclasses.replace(code.data, train_per_class=False, sampler="slimsweep") == text.data
+    assert (code.train.weight_decay, text.train.weight_decay) == (0.01, 0.0)
+    assert dataclasses.replace(code.train, weight_decay=0.0) == text.train
+
+
+def test_a_files_task_id_follows_the_files_contents(tmp_path):
+    (tmp_path / "train.csv").write_text(
+        "text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(40))
+    )
+    (tmp_path / "test.csv").write_text("text,label\na,0\nb,1\n")
+    text = MINIMAL.replace(
+        "tasks: [sst2]",
+        "tasks: [{name: mine, files: {train: train.csv, test: test.csv}, "
+        "template: 'R: {text}\\nS:{label}', label_words: [' no', ' yes']}]",
+    )
+    before = [s.trial_id for s in expand(load_grid(write(tmp_path, text)))]
+    assert before == [s.trial_id for s in expand(load_grid(write(tmp_path, text)))]
+    lines = (tmp_path / "train.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "train.csv").write_text("".join(lines[: len(lines) // 2]))  # cut in half
+    after = [s.trial_id for s in expand(load_grid(write(tmp_path, text)))]
+    assert set(before).isdisjoint(after)
+
+
+def test_hub_and_synthetic_tasks_keep_their_ids_without_digests():
+    spec = expand(load_grid(GRIDS / "demo.yaml"))[0]
+    assert spec.task.file_digests == () and "file_digests" not in spec.identity()["task"]
+    assert "sampler" not in spec.identity()["data"]
 
 
 def test_changing_what_is_computed_changes_the_id(tmp_path):
