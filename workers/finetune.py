@@ -16,7 +16,10 @@ stays the pruned model's size (the untied copy and LoRA adapters are not counted
 LoRA goes through `peft`: `get_peft_model` injects the adapters into the model in place and we
 keep training the (now adapted) transformers model itself, so every family path and head
 works unchanged. A classifier head (`score`, new and random) trains too, through peft's
-`modules_to_save`; the LM head of prompt-lm stays frozen (only adapters train).
+`modules_to_save`; the LM head of prompt-lm stays frozen (only adapters train). QLoRA is the
+same over decoder-layer linear weights stored in 4-bit NF4 (bitsandbytes); it is accepted on
+CUDA only (`check_device`, before any model loads): bitsandbytes' CPU kernels are a slow
+fallback, kept for the tests.
 """
 
 from __future__ import annotations
@@ -120,6 +123,43 @@ def _lora(spec: TrialSpec, model: nn.Module, fam: Family) -> nn.Module:
         ) from None
 
 
+def _qlora(spec: TrialSpec, model: nn.Module, fam: Family) -> nn.Module:
+    """LoRA (as `_lora`) over a frozen base whose decoder layers' `nn.Linear` weights are
+    stored in 4-bit NF4 by bitsandbytes and computed in bf16 (QLoRA). The weights are
+    quantised when the model moves to its device; embeddings, norms and the head stay float."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise SpecError(
+            f"trial {spec.trial_id}: finetune {spec.finetune.label} needs bitsandbytes; "
+            f"install it with: pip install 'slimsweep[qlora]'"
+        ) from None
+    n = 0
+    for layer in fam.get(model, "layers"):
+        for name, child in list(layer.named_modules()):
+            if type(child) is not nn.Linear:
+                continue
+            parent, _, attr = name.rpartition(".")
+            q = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=torch.bfloat16,
+                quant_type="nf4",
+            )
+            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+            q.bias = child.bias
+            setattr(layer.get_submodule(parent), attr, q)
+            n += 1
+    if n == 0:
+        raise SpecError(
+            f"trial {spec.trial_id}: finetune {spec.finetune.label}: the {fam.name} layers have "
+            f"no nn.Linear weights to quantise (GPT-2's are Conv1D); use lora"
+        )
+    model.is_loaded_in_4bit = True  # peft reads it to put its 4-bit LoRA layers on Linear4bit
+    return _lora(spec, model, fam)
+
+
 def _is_linear(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
@@ -132,6 +172,7 @@ APPLY: dict[str, Callable[[TrialSpec, nn.Module, Family], nn.Module]] = {
     "head-only": _head_only,
     "last-n": _last_n,
     "lora": _lora,
+    "qlora": _qlora,
 }
 
 
@@ -143,11 +184,6 @@ def check_device(spec: TrialSpec, device: torch.device) -> None:
             f"trial {spec.trial_id}: finetune {spec.finetune.label} needs a CUDA GPU "
             f"(bitsandbytes 4-bit kernels) but runs on {device.type}; use lora on a CPU, "
             f"or run on a GPU"
-        )
-    if spec.finetune.mode not in APPLY:
-        raise SpecError(
-            f"trial {spec.trial_id}: finetune {spec.finetune.label} is not implemented in this "
-            f"worker; use one of {', '.join(APPLY)}"
         )
 
 

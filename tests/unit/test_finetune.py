@@ -325,3 +325,35 @@ def test_labels_tell_distinct_specs_apart() -> None:
         "lora-d0.1-q_proj+v_proj",
         "qlora",
     ]
+
+
+@pytest.mark.parametrize("head", ["prompt-lm", "vanilla-cls"])
+def test_qlora_quantises_the_decoder_linears_and_trains_adapters_only(tiny_models, head) -> None:
+    # The product refuses qlora off CUDA (check_device); bitsandbytes' CPU backend runs the
+    # same quantised layers, so the mode itself is checked here.
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    spec = make_spec(tiny_models["llama"], head, FinetuneSpec(mode="qlora"))
+    out, model = loaded(spec)
+    model = model.to(CPU)  # quantises on the move
+    quantised = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantised) == 4 * 7  # q, k, v, o, gate, up, down in each of 4 layers
+    assert {m.weight.dtype for m in quantised} == {torch.uint8}
+    assert sum(isinstance(m, LoraLinear4bit) for m in model.modules()) == 4 * 2  # q, v
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    two_steps(spec, model, out.tokenizer)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
+    adapters = {n for n in changed if ".lora_A." in n or ".lora_B." in n}
+    assert len(adapters) == 16
+    assert changed - adapters == (
+        set() if head == "prompt-lm" else {"score.modules_to_save.default.weight"}
+    )
+
+
+def test_qlora_refuses_a_family_without_linear_layers(tiny_models) -> None:
+    pytest.importorskip("bitsandbytes")
+    spec = make_spec(tiny_models["gpt2"], "prompt-lm", FinetuneSpec(mode="qlora"))
+    with pytest.raises(SpecError, match=r"no nn.Linear weights to quantise \(GPT-2's are Conv1D"):
+        loaded(spec)
