@@ -120,3 +120,11 @@ def test_plan_shows_the_axis_and_the_estimate(tmp_path, capsys) -> None:
     assert lines[0].endswith(",selection,finetune")
     assert [line.rsplit(",", 1)[1] for line in lines[1:3]] == ["full", "full"]
     assert lines[3].endswith(",last-2")
+
+
+def test_reassessing_grid_removes_a_quarter_of_llama_3_layers() -> None:
+    grid = load_grid(Path(__file__).resolve().parents[2] / "grids" / "reassessing.yaml")
+    specs = expand(grid)
+    assert {s.layers for s in specs} == {21}  # 0.75 of Llama-3.2-3B's 28 layers
+    assert [f.label for f in grid.finetunes] == ["full", "last-3", "lora"]
+    assert len(specs) == len(grid.tasks) * 3 * 5 * len({s.selection for s in specs})
