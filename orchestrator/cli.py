@@ -146,7 +146,7 @@ def cmd_run_trial(args: argparse.Namespace) -> int:
     a = spec.axes()
     print(
         f"trial {spec.trial_id}: model {a['model']} layers {a['layers']} task {a['task']} "
-        f"head {a['head']} seed {a['seed']}",
+        f"head {a['head']} seed {a['seed']} selection {a['selection']} finetune {a['finetune']}",
         file=log,
         flush=True,
     )
@@ -170,7 +170,8 @@ def cmd_run_trial(args: argparse.Namespace) -> int:
         f"{result.majority_test_acc:.3f})"
     )
     print(
-        f"  {result.n_params / 1e6:.1f} M params, kept layers {list(result.kept_layers)}, "
+        f"  {result.n_params / 1e6:.1f} M params ({result.n_trainable_params / 1e6:.1f} M "
+        f"trained), kept layers {list(result.kept_layers)}, "
         f"train/valid/test {result.n_train}/{result.n_valid}/{result.n_test}, "
         f"{result.train_tokens} train tokens"
     )
