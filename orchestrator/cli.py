@@ -16,6 +16,7 @@ from pathlib import Path
 from slimsweep.orchestrator.grid import Grid, GridError, load_grid
 from slimsweep.orchestrator.plan import expand, gpu_hours
 from slimsweep.workers.spec import SpecError, TrialSpec
+from slimsweep.workers.tables import SELECTIONS
 
 DEFAULT_RESULTS = "results"
 
@@ -35,6 +36,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  model {m.spec.name:<14} {m.spec.source}  layers {list(m.layers)}{depth}")
         print(f"  tasks  {', '.join(t.name for t in grid.tasks)}")
         print(f"  heads  {', '.join(grid.heads)}")
+        print(f"  selections  {', '.join(s.method for s in grid.selections)}")
+        cal = next(
+            (s.calibration for s in grid.selections if SELECTIONS[s.method].calibrated), None
+        )
+        if cal is not None:
+            source = f"{cal.source} {cal.name}".strip()
+            print(f"  calibration  {source}, {cal.n_examples} texts of <= {cal.max_tokens} tokens")
         print(f"  seeds  {', '.join(map(str, grid.seeds))}")
         print(f"  finetunes {', '.join(f.label for f in grid.finetunes)}")
         per_model = Counter(s.model.name for s in specs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -26,17 +27,21 @@ from slimsweep.workers.spec import (
     PKG_PREFIX,
     PRECISIONS,
     SAMPLERS,
+    CalibrationSpec,
     DataSpec,
     FinetuneSpec,
     ModelSpec,
     RuntimeSpec,
+    SelectionSpec,
     SpecError,
     TaskSpec,
     TrainSpec,
+    check_calibration,
     check_finetune,
     check_sampler,
 )
-from slimsweep.workers.tables import FINETUNES
+from slimsweep.workers.synthetic import GENERATORS
+from slimsweep.workers.tables import FINETUNES, SELECTIONS
 from slimsweep.workers.tasks import TASKS
 
 
@@ -67,6 +72,9 @@ class Grid:
     tasks: tuple[TaskSpec, ...]
     heads: tuple[str, ...]
     seeds: tuple[int, ...]
+    # each with the grid's calibration if the method reads one, else the default (so a
+    # method's trial ids never depend on a calibration it does not use)
+    selections: tuple[SelectionSpec, ...] = (SelectionSpec(),)
     finetunes: tuple[FinetuneSpec, ...] = (FinetuneSpec(),)
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
@@ -83,6 +91,8 @@ TOP_KEYS = (
     "tasks",
     "heads",
     "seeds",
+    "selections",
+    "calibration",
     "finetunes",
     "data",
     "training",
@@ -375,6 +385,49 @@ class _Loader:
         except OSError as e:
             raise self.fail(key, f"cannot read {path} ({e.strerror}); fix the path") from None
 
+    def selections(self, raw: dict, base: Path) -> tuple[SelectionSpec, ...]:
+        names = self.axis(raw, "selections") if "selections" in raw else ["first-k"]
+        for i, name in enumerate(names):
+            if name not in SELECTIONS:
+                raise self.fail(f"selections[{i}]", _unknown("selection", name, tuple(SELECTIONS)))
+        calibrated = [n for n in names if SELECTIONS[n].calibrated]
+        if "calibration" in raw and not calibrated:
+            users = ", ".join(n for n, m in SELECTIONS.items() if m.calibrated)
+            raise self.fail(
+                "calibration",
+                f"no selection in this grid reads calibration text (only {users} do); "
+                "remove calibration or add such a selection",
+            )
+        cal = self.calibration(raw, base)
+        return tuple(
+            SelectionSpec(n, cal if SELECTIONS[n].calibrated else CalibrationSpec()) for n in names
+        )
+
+    def calibration(self, raw: dict, base: Path) -> CalibrationSpec:
+        values = self.mapping(raw.get("calibration"), "calibration")
+        self.check_keys(values, CALIBRATION_KEYS, "calibration")
+        fields = {f.name: f for f in dataclasses.fields(CalibrationSpec)}
+        defaults = CalibrationSpec()
+        out = {
+            k: self.typed(v, getattr(defaults, k), f"calibration.{k}", fields[k].type)
+            for k, v in values.items()
+        }
+        cal = CalibrationSpec(**out)
+        try:
+            check_calibration(cal)
+        except SpecError as e:
+            raise self.fail("", str(e)) from e
+        if cal.source == "synthetic" and cal.name not in GENERATORS:
+            raise self.fail("calibration.name", _unknown("generator", cal.name, tuple(GENERATORS)))
+        if cal.source == "file":
+            path = Path(_resolve_source(cal.name, base))
+            if not path.is_file():
+                raise self.fail("calibration.name", f"no such file {str(path)!r}; fix the path")
+            # The content's digest, so that the trial id changes when the file does.
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            cal = dataclasses.replace(cal, name=str(path), digest=digest)
+        return cal
+
 
 _EXAMPLES = {
     "models": "models: [{name: gpt2-xl, source: openai-community/gpt2-xl, layers: [48, 1]}]",
@@ -384,8 +437,10 @@ _EXAMPLES = {
     "tasks": "tasks: [sst2, agnews]",
     "heads": "heads: [prompt-lm, prompt-cls, vanilla-cls]",
     "seeds": "seeds: [0, 42]",
+    "selections": "selections: [first-k, block-influence, angular]",
     "finetunes": "finetunes: [full, last-3, lora]",
 }
+CALIBRATION_KEYS = ("source", "name", "n_examples", "max_tokens")  # digest: computed
 
 
 def _kind(v: Any) -> str:
@@ -441,6 +496,7 @@ def load_grid(path: str | Path) -> Grid:
     for i, s in enumerate(seeds):
         if isinstance(s, bool) or not isinstance(s, int):
             raise ld.fail(f"seeds[{i}]", f"seed {s!r} is not an integer; write e.g. 42")
+    selections = ld.selections(raw, base)
     resources = ld.mapping(raw.get("resources"), "resources")
     ld.check_keys(resources, ("cpus", "gpus", "custom"), "resources")
     custom = ld.mapping(resources.get("custom"), "resources.custom")
@@ -476,6 +532,7 @@ def load_grid(path: str | Path) -> Grid:
         tasks=tasks,
         heads=tuple(heads),
         seeds=tuple(seeds),
+        selections=selections,
         finetunes=ld.finetunes(raw, models, runtime.device),
         data=data,
         train=ld.section(raw, "training", TrainSpec),

@@ -12,7 +12,9 @@ from slimsweep.workers.spec import TrialSpec
 
 
 def expand(grid: Grid) -> list[TrialSpec]:
-    """model x (that model's layer counts) x task x head x finetune x seed, in that order."""
+    """model x (that model's layer counts) x task x head x selection x finetune x seed, in
+    that order (one selection and one finetune, the defaults first-k and full, give the order
+    and ids of grids without them)."""
     return [
         TrialSpec(
             grid=grid.name,
@@ -21,6 +23,7 @@ def expand(grid: Grid) -> list[TrialSpec]:
             task=task,
             head=head,
             seed=seed,
+            selection=selection,
             finetune=finetune,
             data=grid.data,
             train=grid.train,
@@ -30,6 +33,7 @@ def expand(grid: Grid) -> list[TrialSpec]:
         for k in m.layers
         for task in grid.tasks
         for head in grid.heads
+        for selection in grid.selections
         for finetune in grid.finetunes
         for seed in grid.seeds
     ]

@@ -29,6 +29,7 @@ from slimsweep.workers.tasks import TASKS
 
 FAMILIES = ("gpt2", "opt", "llama")
 N_LAYERS = 4
+DEEP_LAYERS = 6  # deep enough to keep non-adjacent layers such as [0, 2, 5]
 
 # Per task: the HF fields and a few label-specific words, so tiny data is learnable.
 TASK_SCHEMAS: dict[str, dict] = {
@@ -71,14 +72,14 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _config(family: str, vocab: int):
+def _config(family: str, vocab: int, n_layers: int = N_LAYERS):
     from transformers import GPT2Config, LlamaConfig, OPTConfig
 
     if family == "gpt2":
-        return GPT2Config(n_layer=N_LAYERS, n_embd=32, n_head=2, n_positions=512, vocab_size=vocab)
+        return GPT2Config(n_layer=n_layers, n_embd=32, n_head=2, n_positions=512, vocab_size=vocab)
     if family == "opt":
         return OPTConfig(
-            num_hidden_layers=N_LAYERS,
+            num_hidden_layers=n_layers,
             hidden_size=32,
             num_attention_heads=2,
             ffn_dim=64,
@@ -90,7 +91,7 @@ def _config(family: str, vocab: int):
             eos_token_id=50256,
         )
     return LlamaConfig(
-        num_hidden_layers=N_LAYERS,
+        num_hidden_layers=n_layers,
         hidden_size=32,
         intermediate_size=64,
         num_attention_heads=2,
@@ -102,9 +103,9 @@ def _config(family: str, vocab: int):
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
-    """family -> folder with a 4-layer random-init causal LM and the GPT-2 tokenizer."""
+def _save_models(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, n_layers: int, tag: str
+) -> dict[str, Path]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -112,12 +113,26 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -
     out = {}
     for family in FAMILIES:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(_config(family, len(tok)))
-        folder = tmp_path_factory.mktemp(f"tiny-{family}")
+        model = AutoModelForCausalLM.from_config(_config(family, len(tok), n_layers))
+        folder = tmp_path_factory.mktemp(f"{tag}-{family}")
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
         out[family] = folder
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
+    """family -> folder with a 4-layer random-init causal LM and the GPT-2 tokenizer."""
+    return _save_models(tmp_path_factory, tokenizer_dir, N_LAYERS, "tiny")
+
+
+@pytest.fixture(scope="session")
+def deep_tiny_models(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
+) -> dict[str, Path]:
+    """family -> folder with a 6-layer random-init causal LM (for choosing among layers)."""
+    return _save_models(tmp_path_factory, tokenizer_dir, DEEP_LAYERS, "deep")
 
 
 def make_rows(task: str, n: int, seed: int) -> list[dict]:

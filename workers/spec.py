@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimsweep.workers.tables import FINETUNES
+from slimsweep.workers.tables import FINETUNES, SELECTIONS
 
 HEADS = ("prompt-lm", "prompt-cls", "vanilla-cls")
 PRECISIONS = ("fp32", "bf16")
@@ -26,6 +26,7 @@ TASK_KINDS = ("hub", "files", "synthetic")
 # How a trial's rows are drawn (see workers/data.py): slimsweep's one seeded order, or the
 # authors' released code's sequence of draws, call for call.
 SAMPLERS = ("slimsweep", "authors")
+CALIBRATION_SOURCES = ("task", "synthetic", "file")
 PKG_PREFIX = "pkg:"  # a model source inside an installed Python package: pkg:<package>
 
 
@@ -118,12 +119,16 @@ class RuntimeSpec:
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """The text score-based selections run the full model on (see `SelectionSpec`)."""
+    """The text score-based selections run the full model on (see `SelectionSpec`): the
+    first `n_examples` texts of the source, each cut to `max_tokens` tokens."""
 
     source: str = "task"  # task (the trial's own train split) | synthetic | file
     name: str = ""  # a synthetic generator name, or a file path; "" for source task
     n_examples: int = 64
     max_tokens: int = 128
+    # source file: the SHA-256 of the file's bytes, so the trial id names its content, not
+    # only its path (the grid loader fills it in; the worker refuses a file that differs)
+    digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -381,3 +386,35 @@ def check_sampler(data: DataSpec) -> None:
 class SpecError(ValueError):
     """A trial cannot run as specified (e.g. a label word is not one token); the message
     names the trial, the offending value and the fix."""
+
+
+def check_selection(selection: SelectionSpec, key: str = "selection") -> None:
+    """SpecError "<key>: <problem>; <fix>" for an unknown method or a calibration it cannot
+    read (a calibration the method does not use is not checked)."""
+    if selection.method not in SELECTIONS:
+        raise SpecError(
+            f"{key}.method: unknown selection {selection.method!r}; "
+            f"choose one of {', '.join(SELECTIONS)}"
+        )
+    if SELECTIONS[selection.method].calibrated:
+        check_calibration(selection.calibration, "calibration")
+
+
+def check_calibration(cal: CalibrationSpec, key: str = "calibration") -> None:
+    if cal.source not in CALIBRATION_SOURCES:
+        raise SpecError(
+            f"{key}.source: {cal.source!r} is not a calibration source; "
+            f"choose one of {', '.join(CALIBRATION_SOURCES)}"
+        )
+    if cal.source == "task" and cal.name:
+        raise SpecError(f"{key}.name: source task reads the trial's own task; remove name")
+    if cal.source != "task" and not cal.name:
+        what = "a synthetic generator" if cal.source == "synthetic" else "the text file"
+        raise SpecError(f"{key}.name: missing; source {cal.source} needs {what} as name")
+    if cal.n_examples < 1:
+        raise SpecError(f"{key}.n_examples: {cal.n_examples} is below 1; use e.g. 64")
+    if cal.max_tokens < 2:
+        raise SpecError(
+            f"{key}.max_tokens: {cal.max_tokens} is below 2 (the LM loss needs a next token); "
+            f"use e.g. 128"
+        )

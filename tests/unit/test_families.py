@@ -1,13 +1,25 @@
-"""Loading truncated models: the first k layers of each family, unchanged, with each head."""
+"""Loading truncated models: the first k layers of each family, unchanged, with each head;
+any other kept layers (e.g. [0, 2, 5]) compute what the full model with the others deleted
+computes, with and without the KV cache."""
 
 from __future__ import annotations
 
 import importlib.util
+import operator
 from pathlib import Path
 
 import pytest
 import torch
-from slimsweep.workers.families import FAMILIES, family_of, head_module, load_model
+from conftest import FAMILIES as FIXTURE_FAMILIES
+from slimsweep.workers.families import (
+    FAMILIES,
+    family_of,
+    head_module,
+    load_model,
+    remap_layer_keys,
+)
+from slimsweep.workers.heads import HEADS as HEAD_IMPLS
+from slimsweep.workers.heads import PrefixCache, collate, output_logits
 from slimsweep.workers.spec import ModelSpec, RuntimeSpec, SpecError, TrialSpec
 from slimsweep.workers.tasks import TASKS
 
@@ -79,6 +91,103 @@ def test_heads_have_the_right_output_size(tiny_models, family: str) -> None:
 def test_full_depth_loads_every_layer(tiny_models) -> None:
     loaded = load_model(make_spec(str(tiny_models["llama"]), 4))
     assert loaded.kept_layers == (0, 1, 2, 3)
+    assert len(loaded.model.model.layers) == 4
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_kept_layers_are_the_source_indices(deep_tiny_models, head: str) -> None:
+    loaded = load_model(make_spec(str(deep_tiny_models["llama"]), 3, head), kept=[1, 3, 4])
+    assert loaded.kept_layers == (1, 3, 4)
+    assert len(loaded.model.model.layers) == 3
+    assert [layer.self_attn.layer_idx for layer in loaded.model.model.layers] == [0, 1, 2]
+    out = 4 if head != "prompt-lm" else len(loaded.tokenizer)  # agnews has 4 classes
+    assert head_module(loaded.model, head).out_features == out
+
+
+def test_remap_renames_kept_layers_and_drops_the_others() -> None:
+    keys = [
+        "h.0.attn.c_attn.weight",
+        "h.1.mlp.c_fc.bias",
+        "h.2.ln_1.weight",
+        "h.12.ln_1.weight",
+        "transformer.h.12.attn.c_proj.weight",
+        "wte.weight",
+        "ln_f.bias",
+    ]
+    assert remap_layer_keys(keys, FAMILIES["gpt2"], [0, 2, 12]) == {
+        "h.0.attn.c_attn.weight": "h.0.attn.c_attn.weight",
+        "h.1.ln_1.weight": "h.2.ln_1.weight",
+        "h.2.ln_1.weight": "h.12.ln_1.weight",
+        "transformer.h.2.attn.c_proj.weight": "transformer.h.12.attn.c_proj.weight",
+        "wte.weight": "wte.weight",
+        "ln_f.bias": "ln_f.bias",
+    }
+    opt = ["model.decoder.layers.3.fc1.weight", "model.decoder.embed_tokens.weight"]
+    assert remap_layer_keys(opt, FAMILIES["opt"], [3]) == {
+        "model.decoder.layers.0.fc1.weight": "model.decoder.layers.3.fc1.weight",
+        "model.decoder.embed_tokens.weight": "model.decoder.embed_tokens.weight",
+    }
+
+
+KEPT = (0, 2, 5)
+PREFIX = [464, 3290, 318, 845, 922, 13, 198]  # a demonstration prefix ending in a newline
+QUERIES = [[3290, 318, 922], [464, 845, 13, 3290, 318], [922]]
+
+
+def deleted_by_hand(folder: Path, kept: tuple[int, ...]) -> torch.nn.Module:
+    """The full HF model in float64 with every layer but `kept` deleted from its layer list,
+    each kept layer renumbered (its `layer_idx`, the KV cache slot) and the config shrunk."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    fam = family_of(model.config.model_type)
+    layers = fam.get(model, "layers")
+    parent, _, name = fam.layers.rpartition(".")
+    setattr(operator.attrgetter(parent)(model), name, torch.nn.ModuleList(layers[i] for i in kept))
+    for i, layer in enumerate(fam.get(model, "layers")):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = i
+    setattr(model.config, fam.layer_key, len(kept))
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = [model.config.layer_types[i] for i in kept]
+    return model
+
+
+def last_logits(model: torch.nn.Module, cached: bool) -> torch.Tensor:
+    """LM logits at each query's last token after the prefix: the whole prompt without a KV
+    cache, or the queries against the prefix's cache (the worker's evaluation path)."""
+    head = HEAD_IMPLS["prompt-lm"]
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        if not cached:
+            batch = collate([PREFIX + q for q in QUERIES], [0] * len(QUERIES), 0, cpu)
+            return output_logits(model, head, batch, last_position=False)
+        cache = PrefixCache.encode(model, PREFIX, cpu).expand(len(QUERIES))
+        batch = collate(QUERIES, [0] * len(QUERIES), 0, cpu)
+        return output_logits(model, head, batch, cache=cache)
+
+
+@pytest.mark.parametrize("family", FIXTURE_FAMILIES)
+def test_kept_layers_compute_what_the_full_model_without_the_others_computes(
+    deep_tiny_models, family: str
+) -> None:
+    folder = deep_tiny_models[family]
+    loaded = load_model(make_spec(str(folder), len(KEPT)), kept=KEPT)
+    pruned = loaded.model.double().eval()
+    reference = deleted_by_hand(folder, KEPT)
+    assert loaded.kept_layers == (0, 2, 5)
+    expected = last_logits(reference, cached=False)
+    torch.testing.assert_close(last_logits(pruned, cached=False), expected)
+    torch.testing.assert_close(last_logits(pruned, cached=True), expected)
+    torch.testing.assert_close(last_logits(reference, cached=True), expected)
+
+
+def test_kept_layers_must_be_distinct_ascending_and_in_range(deep_tiny_models) -> None:
+    spec = make_spec(str(deep_tiny_models["opt"]), 2)
+    for kept in ([2, 0], [1, 1], [0, 6], [0]):
+        with pytest.raises(SpecError, match=r"are not 2 distinct ascending indices of 0..5"):
+            load_model(spec, kept=kept)
 
 
 def test_n_params_counts_tied_weights_once(tiny_models) -> None:
