@@ -191,3 +191,22 @@ def test_report_shows_the_finetunes(grid, results, tmp_path) -> None:
         "12 layers · last-3",
         "12 layers · lora-r16",
     }
+
+
+def test_report_pictures_the_layers_each_selection_kept(tmp_path) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text(
+        GRID.replace("layers: [48, 12]", "layers: [2]").replace(
+            "finetunes: [full, last-3, {lora: {r: 16}}]", "selections: [first-k, random]"
+        )
+    )
+    grid = load_grid(path)
+    store = Store(str(tmp_path / "results" / grid.name))
+    kept = {"first-k": (0, 1), "random": (10, 40)}
+    for spec in expand(grid):
+        store.write_result(result(spec, 0.8, kept[spec.selection.label]), epochs(spec, 0.8))
+    out = rep.build_report(grid, str(tmp_path / "results"), tmp_path / "report")
+    md = Path(out.markdown).read_text()
+    assert "| model | layers | selection | params | sst2 | average |" in md
+    assert "## Layers kept per selection method" in md and "![kept_layers.png]" in md
+    assert (tmp_path / "report" / "kept_layers.png").stat().st_size > 0
