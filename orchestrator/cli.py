@@ -26,6 +26,10 @@ def results_root(args: argparse.Namespace, grid: Grid | None = None) -> str:
     return args.results or (grid.results if grid else None) or DEFAULT_RESULTS
 
 
+def _hours(h: float) -> str:
+    return f"{h:.1f}" if h >= 0.05 else "< 0.1"
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)
     specs = expand(grid)
@@ -43,16 +47,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if cal is not None:
             source = f"{cal.source} {cal.name}".strip()
             print(f"  calibration  {source}, {cal.n_examples} texts of <= {cal.max_tokens} tokens")
+        print(f"  finetunes  {', '.join(f.label for f in grid.finetunes)}")
         print(f"  seeds  {', '.join(map(str, grid.seeds))}")
-        print(f"  finetunes {', '.join(f.label for f in grid.finetunes)}")
         per_model = Counter(s.model.name for s in specs)
         print("  trials per model: " + ", ".join(f"{k} {v}" for k, v in per_model.items()))
         cost = gpu_hours(specs)
         unknown = f"; {cost.unknown} trials of unknown shape not counted" if cost.unknown else ""
         print(
             f"  GPU-hours, an estimate (one trial at a time on an H100, fp32 step costs "
-            f"measured there): at most {cost.hours:.1f} (all {grid.train.epochs} epochs), "
-            f"{cost.hours_at_20:.1f} if early stopping ends trials at epoch 20{unknown}"
+            f"measured there): at most {_hours(cost.hours)} (all {grid.train.epochs} epochs), "
+            f"{_hours(cost.hours_at_20)} if early stopping ends trials at epoch 20{unknown}"
         )
         return 0
     rows = [s.axes() for s in specs]

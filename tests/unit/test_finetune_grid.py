@@ -113,7 +113,7 @@ def test_plan_shows_the_axis_and_the_estimate(tmp_path, capsys) -> None:
     grid_of(tmp_path, "finetunes: [full, last-2]\n")
     assert main(["plan", str(tmp_path / "g.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "  finetunes full, last-2\n" in out
+    assert "  finetunes  full, last-2\n" in out
     assert "GPU-hours, an estimate (one trial at a time on an H100" in out
     assert main(["plan", str(tmp_path / "g.yaml"), "--format", "csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -128,3 +128,12 @@ def test_reassessing_grid_removes_a_quarter_of_llama_3_layers() -> None:
     assert {s.layers for s in specs} == {21}  # 0.75 of Llama-3.2-3B's 28 layers
     assert [f.label for f in grid.finetunes] == ["full", "last-3", "lora"]
     assert len(specs) == len(grid.tasks) * 3 * 5 * len({s.selection for s in specs})
+
+
+def test_selection_demo_crosses_selections_and_finetunes() -> None:
+    grid = load_grid(Path(__file__).resolve().parents[2] / "grids" / "selection-demo.yaml")
+    specs = expand(grid)
+    pairs = {(s.selection.method, s.finetune.label) for s in specs}
+    assert len(specs) == len(pairs) == 8
+    assert {f for _, f in pairs} == {"full", "last-2"}
+    assert {s.layers for s in specs} == {8}
