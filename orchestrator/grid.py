@@ -2,14 +2,14 @@
 names the file, the key path and the fix, before any trial is planned.
 
 The defaults of every section live in the worker's spec dataclasses (`DataSpec`,
-`TrainSpec`, `RuntimeSpec`) and equal the paper's protocol; a grid only states what it changes.
+`TrainSpec`, `RuntimeSpec`) and equal the paper's text protocol (grids/paper.yaml states the
+authors' code's); a grid only states what it changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -377,14 +377,6 @@ class _Loader:
             )
         return TaskSpec(**fields)
 
-    def file_digest(self, path: str, key: str) -> str:
-        """sha256 of a data file's bytes: part of the trial id, so that results computed from
-        other contents of the file are never taken for this grid's."""
-        try:
-            return file_sha256(path)
-        except OSError as e:
-            raise self.fail(key, f"cannot read {path} ({e.strerror}); fix the path") from None
-
     def selections(self, raw: dict, base: Path) -> tuple[SelectionSpec, ...]:
         names = self.axis(raw, "selections") if "selections" in raw else ["first-k"]
         for i, name in enumerate(names):
@@ -424,9 +416,17 @@ class _Loader:
             if not path.is_file():
                 raise self.fail("calibration.name", f"no such file {str(path)!r}; fix the path")
             # The content's digest, so that the trial id changes when the file does.
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = self.file_digest(str(path), "calibration.name")
             cal = dataclasses.replace(cal, name=str(path), digest=digest)
         return cal
+
+    def file_digest(self, path: str, key: str) -> str:
+        """sha256 of a data file's bytes: part of the trial id, so that results computed from
+        other contents of the file are never taken for this grid's."""
+        try:
+            return file_sha256(path)
+        except OSError as e:
+            raise self.fail(key, f"cannot read {path} ({e.strerror}); fix the path") from None
 
 
 _EXAMPLES = {

@@ -12,6 +12,7 @@ its model source, task, selection, fine-tuning, data and training settings equal
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 import io
 from collections.abc import Mapping
@@ -70,11 +71,15 @@ ERRATA: dict[tuple[str | None, str, int, str], str] = {
 }
 
 
+@functools.cache
+def _tables_text() -> str:
+    return (importlib.resources.files("slimsweep.orchestrator") / "data" / PAPER_CSV).read_text()
+
+
 def reference() -> pd.DataFrame:
     """The paper's Tables II-IV in long form: head, model, layers, params (as printed), task
     (the four tasks and "average"), value (test accuracy, %)."""
-    text = (importlib.resources.files("slimsweep.orchestrator") / "data" / PAPER_CSV).read_text()
-    wide = pd.read_csv(io.StringIO(text), dtype={"params": str})
+    wide = pd.read_csv(io.StringIO(_tables_text()), dtype={"params": str})
     long = wide.melt(id_vars=["head", "model", "layers", "params"], var_name="task")
     return long.astype({"layers": "int64", "value": "float64"})
 
@@ -98,10 +103,11 @@ def differences(spec: TrialSpec, protocol: Protocol) -> list[str]:
     """What keeps `spec` from `protocol`, one phrase per setting; [] when it is the paper's.
     Depth and head are not checked here: the table lookup decides whether the paper has them."""
     out = []
-    sources = PAPER_SOURCES.get(spec.model.name, ())
-    if spec.model.source not in sources or spec.model.gguf_file:
-        paper = sources[0] if sources else "none"
-        out.append(f"model.source {spec.model.source} (paper: {paper})")
+    sources = PAPER_SOURCES.get(spec.model.name)
+    if sources is None:
+        out.append(f"model {spec.model.name} (paper: {', '.join(PAPER_SOURCES)})")
+    elif spec.model.source not in sources or spec.model.gguf_file:
+        out.append(f"model.source {spec.model.source} (paper: {sources[0]})")
     task = TASKS.get(spec.task.name)
     ours = dataclasses.replace(spec.task, revision=None)
     if task is None or ours != task:

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from slimsweep.orchestrator import paper
 from slimsweep.orchestrator.grid import Grid
-from slimsweep.orchestrator.plan import expand
+from slimsweep.orchestrator.plan import describe_data, describe_train, expand
 from slimsweep.orchestrator.results import (
     AVERAGE,
     METRICS,
@@ -281,17 +281,7 @@ def protocol_rows(specs: Sequence[TrialSpec]) -> list[list[str]]:
         names = sorted({n for n, _ in found if n})
         label = ", ".join(names) if len(found) == 1 and names else "not the paper's"
         d, t = group[0].data, group[0].train
-        data = (
-            f"sampler {d.sampler}, train {d.train_size}"
-            f"{' per class (capped)' if d.train_per_class else ''}, valid {d.valid_size}, "
-            f"test {d.test_size}, {d.demos_per_class} demo(s)/class, label words "
-            f"{d.label_word_rule}"
-        )
-        train = (
-            f"{t.optimizer} lr {t.lr:g} weight decay {t.weight_decay:g}, batch {t.batch_size}, "
-            f"≤{t.epochs} epochs, patience {t.patience}, {t.precision}, loss {t.lm_loss}"
-        )
-        rows.append([label, str(len(group)), data, train])
+        rows.append([label, str(len(group)), describe_data(d), describe_train(t)])
     return rows
 
 

@@ -13,6 +13,10 @@ the number of seeds behind it. Accuracies are shown in percent, as in the paper.
 fewer seeds than expected is "incomplete": expected are the grid's seeds when a grid is given,
 otherwise every seed found in the (filtered) results. The "average" column is the mean over
 tasks of the per-task means (the paper's average), computed only when every task has a result.
+Each cell also carries the mean majority-class accuracy of its trials (the chance level).
+With the paper (`with_paper`), a cell gets the paper's number only where its trials follow
+one of the paper's protocols (`orchestrator.paper`), and an average only the paper's mean over
+the same tasks.
 """
 
 from __future__ import annotations
@@ -350,7 +354,9 @@ def aggregate(
     majority = data.groupby(list(CELL_KEYS))["majority_test_acc"].mean() * 100
     params = data.groupby(["head", "model", "layers"])["n_params"].median()
     by_cell = _specs_by_cell(data, grid)
-    sources = {(k[1]): {s.model.source for s in v} for k, v in by_cell.items()}
+    sources: dict[str, set[str]] = {}
+    for (_, model, *_), specs in by_cell.items():
+        sources.setdefault(model, set()).update(s.model.source for s in specs)
     expected = set(lay.seeds)
 
     records = []
@@ -435,12 +441,32 @@ def _cell_protocol(specs: Sequence[TrialSpec]) -> tuple[str, str]:
     """(paper protocol name, "") when every trial of a cell follows the same one; else ("",
     why not)."""
     found = {paper.protocol_of(s) for s in specs}
+    if not found:
+        return "", "no trial ran"
     if len(found) == 1:
         return found.pop()
     names = {name for name, _ in found}
     if len(names) > 1 or "" in names:
         return "", "its trials ran under different protocols"
     return names.pop(), ""
+
+
+def _not_in_paper(ref: pd.DataFrame, head: str, model: str, layers: int, task: str) -> str:
+    """Why the paper's tables have no such cell ("" when they have it; the average counts
+    as present: its number comes from the row's tasks)."""
+    models = list(dict.fromkeys(ref.model))
+    tasks = list(dict.fromkeys(ref.task[ref.task != AVERAGE]))
+    if model not in models:
+        return f"the paper has no model {model} (it reports {', '.join(models)})"
+    depths = list(dict.fromkeys(ref.layers[ref.model == model]))
+    if layers not in depths:
+        shown = ", ".join(map(str, depths))
+        return f"the paper has no {model} with {layers} layers (it reports {shown})"
+    if task != AVERAGE and task not in tasks:
+        return f"the paper has no task {task} (it reports {', '.join(tasks)})"
+    if head not in set(ref["head"]):
+        return f"the paper has no head {head}"
+    return ""
 
 
 def with_paper(cells: pd.DataFrame, specs: Mapping[CellKey, Sequence[TrialSpec]]) -> pd.DataFrame:
@@ -457,30 +483,18 @@ def with_paper(cells: pd.DataFrame, specs: Mapping[CellKey, Sequence[TrialSpec]]
         )
         if t != AVERAGE
     }
-    models = list(dict.fromkeys(ref.model))
-    tasks = list(dict.fromkeys(ref.task[ref.task != AVERAGE]))
-    depths = {m: list(dict.fromkeys(ref.layers[ref.model == m])) for m in models}
     out = cells.copy()
     protocol, value, why = [], [], []
     for c in out.itertuples(index=False):
         key = (c.head, c.model, c.layers, c.task)
-        if c.task == AVERAGE:
-            protocol.append(""), value.append(math.nan), why.append("")
-            continue
-        name, reason = _cell_protocol(specs.get((*key[:3], c.selection, c.finetune, c.task), ()))
+        cell = (*key[:3], c.selection, c.finetune, c.task)
+        name, reason = ("", "") if c.task == AVERAGE else _cell_protocol(specs.get(cell, ()))
         if (c.selection, c.finetune) != tuple(LATER_AXES.values()):
             reason = "the paper keeps the first layers and fine-tunes them all (first-k, full)"
-        elif c.model not in paper.PAPER_SOURCES:
-            reason = f"the paper has no model {c.model} (it reports {', '.join(models)})"
-        elif c.layers not in depths[c.model]:
-            shown = ", ".join(map(str, depths[c.model]))
-            reason = f"the paper has no {c.model} with {c.layers} layers (it reports {shown})"
-        elif c.task not in tasks:
-            reason = f"the paper has no task {c.task} (it reports {', '.join(tasks)})"
-        elif key not in ref_value:
-            reason = f"the paper has no head {c.head}"
+        else:
+            reason = _not_in_paper(ref, c.head, c.model, c.layers, c.task) or reason
         protocol.append(name)
-        value.append(ref_value[key] if not reason else math.nan)
+        value.append(math.nan if reason else ref_value.get(key, math.nan))
         why.append(reason)
     out["protocol"], out["paper"], out["no_paper"] = protocol, value, why
     for _, group in out.groupby(["head", *ROW_KEYS], sort=False):

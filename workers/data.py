@@ -175,10 +175,12 @@ class Splits:
 def draw_order(n: int, rng: random.Random, inclusive: bool) -> list[int]:
     """A seeded random order of the positions 0..n-1; splits take rows in this order.
 
-    inclusive=True reproduces the authors' off-by-one: they draw from [0, n] inclusive. Our
-    reading: the extra index n is clamped to the last row n-1 (as a bounds-safe lookup would
-    do), so the last row gets two chances to come early; its second appearance is skipped,
-    which keeps the splits disjoint and their sizes exact.
+    inclusive=True approximates the authors' off-by-one (their code draws from [0, n]
+    inclusive, only for demonstrations, and fails on n; `_split_authors` does exactly that):
+    here every order is over n+1 slots and the extra index n is clamped to the last row n-1,
+    so the last row gets two chances to come early; its second appearance is skipped, which
+    keeps the splits disjoint and their sizes exact. Kept so results stored under it keep
+    their meaning.
     """
     if not inclusive or n == 0:
         order = list(range(n))

@@ -30,7 +30,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,7 @@ class LoadedModel:
     kept_layers: tuple[int, ...]
     n_params: int
     context_length: int
+    selection_scores: dict[int, float] = field(default_factory=dict)  # what chose kept_layers
     commit: str = ""  # model_commit: what identifies the weights read
 
 
@@ -330,7 +331,9 @@ def _kept_weights(
     """The kept layers' tensors under their new keys, as lazy safetensors slices: a tensor is
     read from disk (memory-mapped) only when `from_pretrained` copies it into the model, so
     loading never holds the layers left out, nor the full checkpoint. Slices are what
-    `from_pretrained` makes of a safetensors file itself; the files stay open until the end."""
+    `from_pretrained` makes of a safetensors file itself; the files stay open until the end.
+    (`from_pretrained(key_mapping=...)` would read the checkpoint itself, but its renamings
+    apply one after another, so 5 -> 2 and 2 -> 1 would chain, and it cannot drop a layer.)"""
     from safetensors import safe_open
 
     with contextlib.ExitStack() as stack:
@@ -345,13 +348,10 @@ def _kept_weights(
 def _model_class(head: str, config: Any, trial: str) -> Any:
     """The concrete class `auto_class(head)` builds for `config`: loading from a state dict
     needs it (the Auto classes want a checkpoint path to look for remote code in)."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING as LM
+    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING as CLS
 
-    mapping = (
-        MODEL_FOR_CAUSAL_LM_MAPPING
-        if head == "prompt-lm"
-        else (MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING)
-    )
+    mapping = LM if head == "prompt-lm" else CLS
     if type(config) not in mapping:
         raise SpecError(
             f"trial {trial}: model_type {config.model_type!r} has no class built into "
@@ -388,8 +388,8 @@ def _check_kept(spec: TrialSpec, config: Any, fam: Family, kept: Sequence[int]) 
 
 def load_model(spec: TrialSpec, kept: Sequence[int] | None = None) -> LoadedModel:
     """The pretrained model reduced to the decoder layers `kept` (ascending source indices;
-    default the first `spec.layers`), with the head `spec.head` needs (LM head, or a new seeded
-    classifier with `n_classes` outputs), in float32.
+    default: those `spec.selection` chooses, with its scores), with the head `spec.head`
+    needs (LM head, or a new seeded classifier with `n_classes` outputs), in float32.
 
     The model is built with k layers, so layer i's own index (`layer_idx`, which the KV cache
     and per-layer attention types use) is i, its position in the pruned model, and the
@@ -399,7 +399,15 @@ def load_model(spec: TrialSpec, kept: Sequence[int] | None = None) -> LoadedMode
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    kept = tuple(range(spec.layers)) if kept is None else tuple(kept)
+    scores: dict[int, float] = {}
+    if kept is None:
+        # Imported here: the selection's score pass loads models through this module. Its
+        # random draws are undone by the seeding below.
+        from slimsweep.workers.selection import choose_layers
+
+        choice = choose_layers(spec)
+        kept, scores = choice.kept, choice.scores
+    kept = tuple(kept)
     source = resolve_source(spec)
     kwargs = {"revision": spec.model.revision, "trust_remote_code": spec.model.trust_remote_code}
     with _quiet_transformers():
@@ -453,6 +461,7 @@ def load_model(spec: TrialSpec, kept: Sequence[int] | None = None) -> LoadedMode
         tokenizer=tokenizer,
         family=fam.name,
         kept_layers=kept,
+        selection_scores=scores,
         # parameters() yields a tied weight once, so tied embeddings/heads count once.
         n_params=sum(p.numel() for p in model.parameters()),
         context_length=int(getattr(config, fam.context_key)),

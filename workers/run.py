@@ -19,7 +19,6 @@ import torch
 from slimsweep.workers.data import prepare
 from slimsweep.workers.families import load_model
 from slimsweep.workers.finetune import apply_finetune, check_device, trainable_parameters
-from slimsweep.workers.selection import choose_layers
 from slimsweep.workers.spec import EpochRow, SpecError, TrialResult, TrialSpec, check_finetune
 from slimsweep.workers.train import (
     OnEpoch,
@@ -59,9 +58,9 @@ def device_name(device: torch.device) -> str:
 def run_trial(
     spec: TrialSpec, *, on_epoch: OnEpoch | None = None, resume_from: str | None = None
 ) -> tuple[TrialResult, list[EpochRow]]:
-    """Choose the kept layers, load the pruned model, prepare the data, train, select, test;
-    see `train.train` for `on_epoch` (per-epoch rows and restart checkpoints) and
-    `resume_from`."""
+    """Load the pruned model (the layers `spec.selection` keeps), prepare the data, train,
+    select, test; see `train.train` for `on_epoch` (per-epoch rows and restart checkpoints)
+    and `resume_from`."""
     started = datetime.now(UTC).isoformat()
     t0 = time.monotonic()
     device = resolve_device(spec.runtime.device)
@@ -72,10 +71,8 @@ def run_trial(
         )
     check_finetune(spec.finetune, spec.layers, spec.runtime.device)
     check_device(spec, device)
-    # Before seeding: a score pass (or reading its cache) must not change what the trial draws.
-    choice = choose_layers(spec)
     seed_everything(spec.seed, device)
-    loaded = load_model(spec, choice.kept)
+    loaded = load_model(spec)
     data = prepare(spec, loaded.tokenizer, loaded.context_length)
     model = apply_finetune(spec, loaded.model).to(device)
     if device.type == "cuda":
@@ -97,7 +94,7 @@ def run_trial(
         kept_layers=loaded.kept_layers,
         n_params=loaded.n_params,
         n_trainable_params=sum(p.numel() for p in trainable_parameters(model)),
-        selection_scores_json=json.dumps(choice.scores, sort_keys=True),
+        selection_scores_json=json.dumps(loaded.selection_scores, sort_keys=True),
         best_epoch=out.best_epoch,
         epochs_run=len(out.rows),
         val_acc=out.val_acc,

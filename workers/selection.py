@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from slimsweep.workers import synthetic
-from slimsweep.workers.data import load_pools
+from slimsweep.workers.data import file_sha256, load_pools
 from slimsweep.workers.families import (
     Family,
     cache_root,
@@ -116,8 +116,9 @@ def layer_io(
         seen.append((_hidden_in(args, kwargs), _hidden_out(output)))
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in _layers(model, fam)]
+    body = fam.get(model, "body")  # the hidden states suffice: no vocabulary logits
     try:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -240,10 +241,6 @@ METHODS: dict[str, Method] = {
 # --- calibration text ----------------------------------------------------------------------
 
 
-def file_digest(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _task_texts(spec: TrialSpec) -> list[str]:
     return [row["text"] for row in load_pools(spec.task)[0]]
 
@@ -257,7 +254,7 @@ def _file_texts(spec: TrialSpec) -> list[str]:
     cal = spec.selection.calibration
     if not Path(cal.name).is_file():
         raise SpecError(f"trial {spec.trial_id}: calibration.name {cal.name!r} is not a file")
-    if cal.digest and file_digest(cal.name) != cal.digest:
+    if cal.digest and file_sha256(cal.name) != cal.digest:
         raise SpecError(
             f"trial {spec.trial_id}: calibration file {cal.name!r} changed since the trial was "
             f"planned (its SHA-256 differs from calibration.digest); plan the grid again"
@@ -313,7 +310,7 @@ def score_key(spec: TrialSpec) -> dict[str, Any]:
         if sel.calibration.source == "task":
             cal["task"] = dataclasses.asdict(spec.task)
         if sel.calibration.source == "file":
-            cal["name"], cal["digest"] = "", file_digest(sel.calibration.name)
+            cal["name"], cal["digest"] = "", file_sha256(sel.calibration.name)
         key["calibration"] = cal
     return key
 

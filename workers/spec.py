@@ -23,10 +23,10 @@ LM_LOSSES = ("label-words", "full-vocab")
 LABEL_WORD_RULES = ("single-token", "first-subtoken")
 OVERFLOW_RULES = ("error", "truncate-left")
 TASK_KINDS = ("hub", "files", "synthetic")
+CALIBRATION_SOURCES = ("task", "synthetic", "file")
 # How a trial's rows are drawn (see workers/data.py): slimsweep's one seeded order, or the
 # authors' released code's sequence of draws, call for call.
 SAMPLERS = ("slimsweep", "authors")
-CALIBRATION_SOURCES = ("task", "synthetic", "file")
 PKG_PREFIX = "pkg:"  # a model source inside an installed Python package: pkg:<package>
 
 
@@ -75,9 +75,11 @@ class DataSpec:
     valid_size: int = 1000
     test_size: int = 1000
     demos_per_class: int = 1
-    # The authors' released code samples `train_size` examples per class, not in total.
+    # As the authors' released code: `train_size` examples per class (capped at what a class
+    # has left), not in total.
     train_per_class: bool = False
-    # The authors' released code draws indices from [0, len] inclusive (an off-by-one).
+    # slimsweep's approximation of the authors' off-by-one (every draw over [0, len], the extra
+    # index clamped); their code's own draw is `sampler: "authors"`.
     inclusive_index_draw: bool = False
     # Token budget of one prompt; None means the model's context length.
     max_length: int | None = None

@@ -281,3 +281,67 @@ def test_smollm2_from_its_package_with_two_layers(tmp_path: Path) -> None:
     again = load_model(spec)  # from the cache folder: no second de-quantisation
     assert list((tmp_path / "dequantised").iterdir()) == cached
     assert again.n_params == loaded.n_params
+
+
+def test_attention_scaled_by_layer_index_keeps_only_first_k(deep_tiny_models, tmp_path) -> None:
+    import json
+    import shutil
+
+    folder = tmp_path / "scaled"
+    shutil.copytree(deep_tiny_models["gpt2"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({**config, "scale_attn_by_inverse_layer_idx": True})
+    )
+    with pytest.raises(SpecError, match="only its first k layers can be kept"):
+        load_model(make_spec(str(folder), 2), kept=[0, 2])
+    assert load_model(make_spec(str(folder), 2), kept=[0, 1]).kept_layers == (0, 1)
+
+
+def test_model_commit_names_what_was_read(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from slimsweep.workers.families import model_commit
+
+    hub = make_spec("openai-community/gpt2-xl", 1)
+    assert model_commit(hub, SimpleNamespace(_commit_hash="15ea56dee5df4983"), "x") == (
+        "15ea56dee5df4983"
+    )
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    local = make_spec(str(tmp_path), 1)
+    # sha256 of the config's bytes, computed independently (sha256sum)
+    assert model_commit(local, SimpleNamespace(_commit_hash=None), str(tmp_path)) == (
+        "local:329499c21b8237d4"
+    )
+    assert model_commit(hub, SimpleNamespace(_commit_hash=None), "nowhere") == "unpinned"
+
+
+def test_a_pruned_model_reads_only_its_kept_layers(deep_tiny_models, monkeypatch) -> None:
+    import safetensors
+
+    read: list[str] = []
+    real_open = safetensors.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs) -> None:
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.handle.__exit__(*exc)
+
+        def keys(self):
+            return self.handle.keys()
+
+        def get_slice(self, key: str):
+            read.append(key)
+            return self.handle.get_slice(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    load_model(make_spec(str(deep_tiny_models["llama"]), 2), kept=[1, 4])
+    layers = sorted({k.split(".")[2] for k in read if k.startswith("model.layers.")})
+    assert layers == ["1", "4"]
+    assert "model.embed_tokens.weight" in read and "model.norm.weight" in read

@@ -129,11 +129,3 @@ def test_reassessing_grid_removes_a_quarter_of_llama_3_layers() -> None:
     assert [f.label for f in grid.finetunes] == ["full", "last-3", "lora"]
     assert len(specs) == len(grid.tasks) * 3 * 5 * len({s.selection for s in specs})
 
-
-def test_selection_demo_crosses_selections_and_finetunes() -> None:
-    grid = load_grid(Path(__file__).resolve().parents[2] / "grids" / "selection-demo.yaml")
-    specs = expand(grid)
-    pairs = {(s.selection.method, s.finetune.label) for s in specs}
-    assert len(specs) == len(pairs) == 8
-    assert {f for _, f in pairs} == {"full", "last-2"}
-    assert {s.layers for s in specs} == {8}

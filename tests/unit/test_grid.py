@@ -196,6 +196,34 @@ def test_cli_plan_prints_counts_and_exits_2_on_bad_grid(tmp_path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_cli_plan_shows_the_protocol_and_training_rows_per_task(capsys):
+    assert main(["plan", str(GRIDS / "paper.yaml")]) == 0
+    out, _ = capsys.readouterr()
+    # 200 per class, capped: TREC's 86 abbreviations, less 500 validation rows drawn first
+    assert "training rows per trial: agnews 800, emoc 800, sst2 400, trec ~1077" in out
+    assert "weight decay 0.01" in out and "sampler authors, train 200 per class (capped)" in out
+    assert "protocol  the paper's (authors-code)" in out
+    assert main(["plan", str(GRIDS / "paper-text.yaml")]) == 0
+    out, _ = capsys.readouterr()
+    assert "training rows per trial: agnews 200, emoc 200, sst2 200, trec 200" in out
+    assert "protocol  the paper's (paper-text)" in out
+
+
+def test_cli_plan_warns_once_about_unpinned_hub_sources(tmp_path, capsys):
+    assert main(["plan", str(GRIDS / "paper.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "slimsweep: warning: no revision pinned for model gpt2-xl, model opt-1.3b, dataset "
+        "agnews, dataset emoc, dataset sst2, dataset trec:"
+    )
+    pinned = MINIMAL.replace("source: openai-community/gpt2-xl", "source: x/y\n    revision: abc")
+    pinned = pinned.replace("tasks: [sst2]", "tasks: [{name: sst2, revision: def}]")
+    assert main(["plan", str(write(tmp_path, pinned))]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["plan", str(GRIDS / "demo.yaml")]) == 0  # a package source, synthetic data
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_output_cut_short_by_its_reader_ends_without_a_traceback():
     import subprocess
     import sys
@@ -205,4 +233,5 @@ def test_cli_output_cut_short_by_its_reader_ends_without_a_traceback():
     cmd = f"'{sys.executable}' -m slimsweep.orchestrator.cli plan '{GRIDS / 'paper.yaml'}' "
     out = subprocess.run(cmd + "--format json | head -c 1", shell=True, capture_output=True)
     assert out.stdout.decode() == "["
-    assert out.stderr.decode() == ""
+    err = out.stderr.decode()  # only the warning about the grid's unpinned hub sources
+    assert err.startswith("slimsweep: warning: no revision pinned") and err.count("\n") == 1

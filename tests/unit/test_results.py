@@ -304,6 +304,21 @@ def test_majority_class_baseline_is_a_row_of_every_accuracy_table(df, grid):
     assert "majority class" not in wall
 
 
+def test_comparison_without_a_grid_names_cells_no_trial_ran(df):
+    # gpt2-xl on agnews only, opt-1.3b on sst2 only: the other two cells have no trials
+    part = df[
+        ((df.model == "gpt2-xl") & (df.task == "agnews"))
+        | ((df.model == "opt-1.3b") & (df.task == "sst2"))
+    ]
+    cells = res.aggregate(part[part["head"] == "prompt-lm"], compare=True)
+    gone = cell(cells, "prompt-lm", "gpt2-xl", 1, "sst2")
+    assert math.isnan(gone.paper) and gone.no_paper == "no trial ran"
+    assert cell(cells, "prompt-lm", "gpt2-xl", 1, "agnews").paper == pytest.approx(85.30)
+    # 48 layers, agnews also holds a trial of the grid's earlier lr: unlike trials, no number
+    mixed = cell(cells, "prompt-lm", "gpt2-xl", 48, "agnews")
+    assert math.isnan(mixed.paper) and mixed.no_paper == "its trials ran under different protocols"
+
+
 def test_paper_reference_is_packaged_with_all_three_tables():
     ref = paper.reference()
     assert len(ref) == 3 * 10 * 5

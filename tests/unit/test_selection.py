@@ -98,6 +98,13 @@ def test_random_is_seeded_sorted_and_k_long() -> None:
     assert len(set(many)) == 8 and list(many) == sorted(many)
 
 
+def test_rule_methods_read_only_the_depth(deep_tiny_models, tmp_path: Path) -> None:
+    folder = deep_tiny_models["gpt2"]
+    assert choose_layers(make_spec(folder, "first-k", tmp_path, layers=3)).kept == (0, 1, 2)
+    assert choose_layers(make_spec(folder, "random", tmp_path, layers=3)).kept == (0, 3, 5)
+    assert not (tmp_path / "selection-scores").exists()
+
+
 # --- known answers -------------------------------------------------------------------------
 
 
@@ -309,8 +316,12 @@ def test_trial_row_records_kept_layers_and_scores(identity_models, local_tasks, 
             "train": TrainSpec(epochs=1, patience=1).__dict__,
         }
     )
-    result, _ = run_trial(spec)
-    assert result.kept_layers == (0, 1, 2, 5)
-    scores = json.loads(result.selection_scores_json)
+    computed, _ = run_trial(spec)  # runs the score pass
+    assert computed.kept_layers == (0, 1, 2, 5)
+    scores = json.loads(computed.selection_scores_json)
     assert sorted(scores) == ["0", "1", "2", "3", "4", "5"]
     assert scores["3"] == pytest.approx(0.0, abs=1e-6)
+    # from the cache: the same trial, number for number
+    cached, _ = run_trial(spec)
+    for name in ("kept_layers", "selection_scores_json", "val_acc", "test_acc", "best_epoch"):
+        assert getattr(cached, name) == getattr(computed, name)
