@@ -129,4 +129,3 @@ def test_reassessing_grid_removes_a_quarter_of_llama_3_layers() -> None:
     assert [f.label for f in grid.finetunes] == ["full", "last-3", "lora"]
     assert len({s.selection.method for s in specs}) == 8  # every selection method
     assert len(specs) == 4 * 8 * 3 * 5  # tasks x selections x finetunes x seeds
-
