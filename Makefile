@@ -26,5 +26,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 # pytest exits 5 when it collects no test; make treats that as the failure it is.
+# The qlora extra (bitsandbytes, ~125 MB) only for the tests: the demo does not need it.
 test: lint
+	$(BIN)/pip install -q -e '.[qlora]'
 	$(BIN)/pytest

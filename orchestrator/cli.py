@@ -25,6 +25,7 @@ from slimsweep.orchestrator.plan import (
     describe_data,
     describe_train,
     expand,
+    gpu_hours,
     train_rows,
     unpinned,
 )
@@ -62,6 +63,10 @@ def check_folder(path: str, what: str) -> None:
                     f"when missing)"
                 )
             return
+
+
+def _hours(h: float) -> str:
+    return f"{h:.1f}" if h >= 0.05 else "< 0.1"
 
 
 def paper_protocol(specs: list[TrialSpec]) -> str:
@@ -102,6 +107,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if cal is not None:
             source = f"{cal.source} {cal.name}".strip()
             print(f"  calibration  {source}, {cal.n_examples} texts of <= {cal.max_tokens} tokens")
+        print(f"  finetunes  {', '.join(f.label for f in grid.finetunes)}")
         print(f"  seeds  {', '.join(map(str, grid.seeds))}")
         per_model = Counter(s.model.name for s in specs)
         print("  trials per model: " + ", ".join(f"{k} {v}" for k, v in per_model.items()))
@@ -110,6 +116,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         sizes = ", ".join(f"{t.name} {train_rows(t, grid.data)}" for t in grid.tasks)
         print(f"  training rows per trial: {sizes}")
         print(f"  protocol  {paper_protocol(specs)}")
+        cost = gpu_hours(specs)
+        unknown = f"; {cost.unknown} trials of unknown shape not counted" if cost.unknown else ""
+        print(
+            f"  GPU-hours, an estimate (one trial at a time on an H100, fp32 step costs "
+            f"measured there): at most {_hours(cost.hours)} (all {grid.train.epochs} epochs), "
+            f"{_hours(cost.hours_at_20)} if early stopping ends trials at epoch 20{unknown}"
+        )
         return 0
     rows = [s.axes() for s in specs]
     if args.format == "json":
@@ -243,7 +256,7 @@ def cmd_run_trial(args: argparse.Namespace) -> int:
     a = spec.axes()
     print(
         f"trial {spec.trial_id}: model {a['model']} layers {a['layers']} task {a['task']} "
-        f"head {a['head']} seed {a['seed']}",
+        f"head {a['head']} seed {a['seed']} selection {a['selection']} finetune {a['finetune']}",
         file=log,
         flush=True,
     )
@@ -267,7 +280,8 @@ def cmd_run_trial(args: argparse.Namespace) -> int:
         f"{result.majority_test_acc:.3f})"
     )
     print(
-        f"  {result.n_params / 1e6:.1f} M params, kept layers {list(result.kept_layers)}, "
+        f"  {result.n_params / 1e6:.1f} M params ({result.n_trainable_params / 1e6:.1f} M "
+        f"trained), kept layers {list(result.kept_layers)}, "
         f"train/valid/test {result.n_train}/{result.n_valid}/{result.n_test}, "
         f"{result.train_tokens} train tokens"
     )

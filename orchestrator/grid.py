@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from slimsweep.workers.spec import (
     PKG_PREFIX,
     CalibrationSpec,
     DataSpec,
+    FinetuneSpec,
     ModelSpec,
     RuntimeSpec,
     SelectionSpec,
@@ -32,6 +34,7 @@ from slimsweep.workers.spec import (
     TrainSpec,
     check_calibration,
     check_choice,
+    check_finetune,
     check_model,
     check_name,
     check_sampler,
@@ -43,7 +46,7 @@ from slimsweep.workers.spec import (
     unknown,
 )
 from slimsweep.workers.synthetic import GENERATORS
-from slimsweep.workers.tables import SELECTIONS
+from slimsweep.workers.tables import FINETUNES, SELECTIONS
 from slimsweep.workers.tasks import TASKS
 
 
@@ -77,6 +80,7 @@ class Grid:
     # each with the grid's calibration if the method reads one, else the default (so a
     # method's trial ids never depend on a calibration it does not use)
     selections: tuple[SelectionSpec, ...] = (SelectionSpec(),)
+    finetunes: tuple[FinetuneSpec, ...] = (FinetuneSpec(),)
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
@@ -93,6 +97,7 @@ class Grid:
             * len(self.tasks)
             * len(self.heads)
             * len(self.selections)
+            * len(self.finetunes)
             * len(self.seeds)
         )
 
@@ -109,6 +114,7 @@ TOP_KEYS = (
     "seeds",
     "selections",
     "calibration",
+    "finetunes",
     "data",
     "training",
     "runtime",
@@ -127,6 +133,15 @@ TASK_KEYS = (
     ),
     "files",
 )
+FINETUNE_NAMES = tuple(f.spelling for f in FINETUNES.values())
+LAST_N = re.compile(r"last-(\d+)")
+# The mapping form's keys -> FinetuneSpec fields (lora, qlora).
+LORA_KEYS = {
+    "r": "lora_r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "targets": "lora_targets",
+}
 
 
 class _Loader:
@@ -288,6 +303,64 @@ class _Loader:
             )
         return v
 
+    def finetune(self, raw: Any, key: str) -> FinetuneSpec:
+        """`full`, `head-only`, `last-3`, `lora`, `qlora`, or `{lora: {r: 16, ...}}`."""
+        if isinstance(raw, dict):
+            if len(raw) != 1:
+                raise self.fail(key, "expected one mode with its settings, e.g. {lora: {r: 16}}")
+            ((name, settings),) = raw.items()
+            mode = FINETUNES.get(str(name))
+            if mode is None:
+                raise self.fail(key, unknown("finetune", name, FINETUNE_NAMES))
+            if not mode.lora:
+                raise self.fail(key, f"{name} takes no settings; write it as a plain name")
+            values = self.mapping(settings, f"{key}.{name}")
+            self.check_keys(values, tuple(LORA_KEYS), f"{key}.{name}")
+            default = FinetuneSpec()
+            out: dict[str, Any] = {}
+            for k, v in values.items():
+                field_key, name_key = LORA_KEYS[k], f"{key}.{name}.{k}"
+                if k == "targets":
+                    if not isinstance(v, list) or not v or not all(isinstance(t, str) for t in v):
+                        raise self.fail(name_key, "expected a list of module names, e.g. [q_proj]")
+                    out[field_key] = tuple(v)
+                else:
+                    out[field_key] = self.typed(v, getattr(default, field_key), name_key, "")
+            return FinetuneSpec(mode=mode.name, **out)
+        if not isinstance(raw, str):
+            raise self.fail(key, f"expected a mode name or a mapping, got {_kind(raw)}")
+        if raw in ("last-N", "last-n"):
+            raise self.fail(key, "write how many layers train, e.g. last-3")
+        last = LAST_N.fullmatch(raw)
+        if last:
+            return FinetuneSpec(mode="last-n", last_n=int(last.group(1)))
+        if raw not in FINETUNES or raw == "last-n":
+            raise self.fail(key, unknown("finetune", raw, FINETUNE_NAMES))
+        return FinetuneSpec(mode=raw)
+
+    def finetunes(
+        self, raw: dict, models: tuple[ModelAxis, ...], device: str
+    ) -> tuple[FinetuneSpec, ...]:
+        """The `finetunes:` axis (default: full only), checked against every kept depth."""
+        if "finetunes" not in raw:
+            return (FinetuneSpec(),)
+        out = [
+            self.finetune(v, f"finetunes[{i}]") for i, v in enumerate(self.axis(raw, "finetunes"))
+        ]
+        labels = [f.label for f in out]
+        for i, ft in enumerate(out):
+            if labels.index(ft.label) != i:
+                raise self.fail(f"finetunes[{i}]", f"duplicate finetune {ft.label}; list it once")
+            for m in models:
+                for k in m.layers:
+                    try:
+                        check_finetune(ft, k, device)
+                    except SpecError as e:
+                        raise self.fail(
+                            f"finetunes[{i}]", f"model '{m.spec.name}' at {k} layers: {e}"
+                        ) from None
+        return tuple(out)
+
     def task(self, raw: Any, i: int, base: Path) -> TaskSpec:
         key = f"tasks[{i}]"
         if isinstance(raw, str):
@@ -411,6 +484,7 @@ _EXAMPLES = {
     "heads": "heads: [prompt-lm, prompt-cls, vanilla-cls]",
     "seeds": "seeds: [0, 42]",
     "selections": "selections: [first-k, block-influence, angular]",
+    "finetunes": "finetunes: [full, last-3, lora]",
 }
 CALIBRATION_KEYS = ("source", "name", "n_examples", "max_tokens")  # digest: computed
 
@@ -582,6 +656,7 @@ def load_grid(path: str | Path) -> Grid:
     max_trials = raw.get("max_trials", Grid.max_trials)
     if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
         raise ld.fail("max_trials", f"expected an integer >= 1, got {shown(max_trials)}")
+    runtime = ld.section(raw, "runtime", RuntimeSpec)
     data = ld.section(raw, "data", DataSpec)
     ld.contract(check_sampler, data)
     grid = Grid(
@@ -592,9 +667,10 @@ def load_grid(path: str | Path) -> Grid:
         heads=tuple(heads),
         seeds=tuple(seeds),
         selections=selections,
+        finetunes=ld.finetunes(raw, models, runtime.device),
         data=data,
         train=ld.section(raw, "training", TrainSpec),
-        runtime=ld.section(raw, "runtime", RuntimeSpec),
+        runtime=runtime,
         resources=res,
         max_failures=max_failures,
         results=results,

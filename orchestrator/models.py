@@ -43,6 +43,14 @@ _SMOLLM2_135M = {
     "tie_word_embeddings": True,
 }
 
+_LLAMA3 = {
+    "model_type": "llama",
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+}
+
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     **{
         src: {**_GPT2, "n_layer": layers, "n_embd": hidden, "n_head": heads}
@@ -81,6 +89,24 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
         "vocab_size": 128256,
         "max_position_embeddings": 8192,
         "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+    },
+    # Llama 3 (grids/reassessing.yaml): the shapes of their config.json files (rope scaling,
+    # which does not change the shape, left out).
+    "meta-llama/Llama-3.2-3B-Instruct": {
+        **_LLAMA3,
+        "num_hidden_layers": 28,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_attention_heads": 24,
+        "tie_word_embeddings": True,
+    },
+    "meta-llama/Llama-3.1-8B-Instruct": {
+        **_LLAMA3,
+        "num_hidden_layers": 32,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
         "tie_word_embeddings": False,
     },
     "HuggingFaceTB/SmolLM2-135M": _SMOLLM2_135M,

@@ -3,11 +3,14 @@ checks that need more than the grid file (a model's tokenizer), made before anyt
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from slimsweep.orchestrator.grid import Grid, GridError
+from slimsweep.orchestrator.models import estimate_params, model_config
 from slimsweep.workers.data import SYNTHETIC_POOLS
 from slimsweep.workers.spec import (
     PKG_PREFIX,
@@ -21,8 +24,9 @@ from slimsweep.workers.tasks import HUB_COUNTS, PoolCounts
 
 
 def expand(grid: Grid) -> list[TrialSpec]:
-    """model x (that model's layer counts) x task x head x selection x seed, in that order
-    (one selection, the default first-k, gives the order and ids of grids without one)."""
+    """model x (that model's layer counts) x task x head x selection x finetune x seed, in
+    that order (one selection and one finetune, the defaults first-k and full, give the order
+    and ids of grids without them)."""
     return [
         TrialSpec(
             grid=grid.name,
@@ -32,6 +36,7 @@ def expand(grid: Grid) -> list[TrialSpec]:
             head=head,
             seed=seed,
             selection=selection,
+            finetune=finetune,
             data=grid.data,
             train=grid.train,
             runtime=grid.runtime,
@@ -41,6 +46,7 @@ def expand(grid: Grid) -> list[TrialSpec]:
         for task in grid.tasks
         for head in grid.heads
         for selection in grid.selections
+        for finetune in grid.finetunes
         for seed in grid.seeds
     ]
 
@@ -144,3 +150,42 @@ def unpinned(grid: Grid) -> list[str]:
     ]
     tasks = [t.name for t in grid.tasks if t.kind == "hub" and not t.revision]
     return [f"model {n}" for n in models] + [f"dataset {n}" for n in tasks]
+
+
+# --- the cost of a grid, before running it --------------------------------------------------
+
+# One H100, HF eager, fp32, batch 1, 256-token prompts (shared/reference/gpu_baseline_h100.md,
+# docs/benchmarks.md): a training step costs ~0.09 ms per million parameters (GPT2-XL: 143 ms
+# at 1558M, 38 ms at 451M) and evaluating one example, batched with the prefix encoded once,
+# ~0.0015 ms per million (GPT2-XL 48 layers: 522 examples/s).
+H100_STEP_MS_PER_M = 0.09
+H100_EVAL_MS_PER_M = 0.0015
+
+
+@dataclass(frozen=True)
+class Estimate:
+    hours: float  # every trial runs all its epochs: an upper bound
+    hours_at_20: float  # trials stopped early at epoch 20 (or their last epoch if fewer)
+    unknown: int  # trials of models whose shape is unknown, not counted
+
+
+def gpu_hours(specs: Iterable[TrialSpec]) -> Estimate:
+    """GPU-hours on one H100 for `specs`, scaled by each pruned model's parameter count from
+    the measured step costs above. Every fine-tune mode is costed as full fine-tuning (the
+    frozen modes skip part of the backward pass: cheaper, not dearer)."""
+    cfgs: dict[str, dict | None] = {}
+    full_s = early_s = 0.0
+    unknown = 0
+    for s in specs:
+        cfg = cfgs.setdefault(s.model.source, model_config(s.model.source))
+        if cfg is None:
+            unknown += 1
+            continue
+        m = estimate_params(cfg, s.layers) / 1e6
+        per_class = s.task.n_classes if s.data.train_per_class else 1
+        steps = math.ceil(s.data.train_size * per_class / s.train.batch_size)
+        epoch_ms = steps * H100_STEP_MS_PER_M * m + s.data.valid_size * H100_EVAL_MS_PER_M * m
+        test_ms = s.data.test_size * H100_EVAL_MS_PER_M * m
+        full_s += (s.train.epochs * epoch_ms + test_ms) / 1000
+        early_s += (min(s.train.epochs, 20) * epoch_ms + test_ms) / 1000
+    return Estimate(hours=full_s / 3600, hours_at_20=early_s / 3600, unknown=unknown)

@@ -39,6 +39,7 @@ from slimsweep.orchestrator.results import (
     no_results,
     notes,
     planned,
+    shown_axes,
     to_tables,
 )
 from slimsweep.workers.spec import HEADS, TrialSpec
@@ -71,23 +72,39 @@ def _layer_axis(ax: object, layers: list[int]) -> None:
     ax.grid(alpha=0.3)
 
 
+def line_labels(cells: pd.DataFrame) -> pd.Series:
+    """The line each cell belongs to in the accuracy figure: its head, or with several
+    selections or finetunes (`shown_axes`) those too, e.g. "block-influence · last-3" (the
+    head left out when there is one)."""
+    keys = shown_axes(cells)
+    if not keys:
+        return cells["head"]
+    if cells["head"].nunique() > 1:
+        keys = ["head", *keys]
+    return cells[keys].astype(str).agg(" · ".join, axis=1)
+
+
 def accuracy_figure(cells: pd.DataFrame, metric_label: str) -> Figure:
     """One subplot per model (rows) and task, the average last (columns); in each, one line
-    per head: the mean over seeds against layers kept, a band of ± one std; a dotted grey line
-    at the majority-class accuracy (the chance level). With the paper's numbers
-    (`cells.paper`), a dashed line per head beside it."""
+    per head (and per selection and finetune when the grid has several: `line_labels`): the
+    mean over seeds against layers kept, a band of ± one std; a dotted grey line at the
+    majority-class accuracy (the chance level). With the paper's numbers (`cells.paper`), a
+    dashed line per head beside it."""
     models = list(dict.fromkeys(cells["model"]))
     tasks = list(dict.fromkeys(cells["task"]))
-    heads = list(dict.fromkeys(cells["head"]))
+    cells = cells.assign(line=line_labels(cells))
+    lines = list(dict.fromkeys(cells["line"]))
+    by_head = lines == list(dict.fromkeys(cells["head"]))
+    colors = {x: _head_color(x) if by_head else f"C{n % 10}" for n, x in enumerate(lines)}
     fig = Figure(figsize=_figsize(len(models), len(tasks)), layout="constrained")
     axes = fig.subplots(len(models), len(tasks), squeeze=False)
     for i, model in enumerate(models):
         for j, task in enumerate(tasks):
             ax = axes[i][j]
             sub = cells[(cells["model"] == model) & (cells["task"] == task)]
-            for head in heads:
-                h = sub[sub["head"] == head].sort_values("layers")
-                color = _head_color(head)
+            for head in lines:
+                h = sub[sub["line"] == head].sort_values("layers")
+                color = colors[head]
                 if h["mean"].notna().any():
                     ax.plot(h["layers"], h["mean"], marker="o", color=color, label=head)
                     ax.fill_between(
@@ -129,6 +146,38 @@ def _figure_legend(fig: Figure, axes: object) -> None:
         fig.legend(list(seen.values()), list(seen), loc="outside upper center", ncols=len(seen))
 
 
+def kept_layers_figure(trials: pd.DataFrame, depths: dict[str, int | None]) -> Figure:
+    """Which layers each selection method kept: per model and number of layers kept, a
+    heatmap with a row per selection method and a column per layer of the full model (depth
+    from `depths`, else the deepest kept index), shaded by the share of that method's trials
+    that kept the layer (1: all of them; a score-based method may pick differently per task
+    or seed)."""
+    trials = trials[trials["kept_layers"].map(len) > 0]
+    pairs = list(dict.fromkeys(zip(trials["model"], trials["layers"], strict=True)))
+    methods = list(dict.fromkeys(trials["selection"]))
+    fig = Figure(figsize=(6.5, (0.6 + 0.3 * len(methods)) * len(pairs) + 0.8), layout="constrained")
+    axes = fig.subplots(len(pairs), 1, squeeze=False)[:, 0]
+    image = None
+    for ax, (model, k) in zip(axes, pairs, strict=True):
+        sub = trials[(trials["model"] == model) & (trials["layers"] == k)]
+        depth = depths.get(model) or 1 + max(max(kept) for kept in sub["kept_layers"])
+        names = [m for m in methods if (sub["selection"] == m).any()]
+        share = [[0.0] * depth for _ in names]
+        for row, method in zip(share, names, strict=True):
+            kept = list(sub.loc[sub["selection"] == method, "kept_layers"])
+            for layers in kept:
+                for layer in layers:
+                    row[int(layer)] += 1 / len(kept)
+        image = ax.imshow(share, aspect="auto", cmap="Blues", vmin=0, vmax=1)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("layer of the full model")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{model}: {k} of {depth} layers kept", fontsize=10)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="share of trials keeping it")
+    return fig
+
+
 def curves_figure(
     epochs: pd.DataFrame,
     head: str,
@@ -136,27 +185,33 @@ def curves_figure(
     tasks: Sequence[str] | None = None,
 ) -> Figure:
     """Validation accuracy (%) per epoch for one head: a subplot per model and task (in the
-    given order, else as found), one line per depth, the mean over the seeds that reached that
-    epoch (early stopping ends some seeds sooner)."""
+    given order, else as found), one line per depth (and per selection and finetune when the
+    epochs have several: `shown_axes`), the mean over the seeds that reached that epoch (early
+    stopping ends some seeds sooner)."""
     e = epochs[epochs["head"] == head]
     models = [m for m in models or dict.fromkeys(e["model"]) if (e["model"] == m).any()]
     tasks = [t for t in tasks or dict.fromkeys(e["task"]) if (e["task"] == t).any()]
     fig = Figure(figsize=_figsize(len(models), len(tasks)), layout="constrained")
     axes = fig.subplots(len(models), len(tasks), squeeze=False)
     fig.suptitle(f"{head}: validation accuracy (mean over seeds)")
+    variants = shown_axes(e)
     for i, model in enumerate(models):
-        depths = sorted(e.loc[e["model"] == model, "layers"].unique(), reverse=True)
-        colors = {k: f"C{n}" for n, k in enumerate(depths)}
+        m = e[e["model"] == model]
+        lines = sorted(
+            {tuple(r) for r in m[["layers", *variants]].itertuples(index=False)},
+            key=lambda r: (-r[0], *r[1:]),
+        )
+        colors = {line: f"C{n % 10}" for n, line in enumerate(lines)}
         for j, task in enumerate(tasks):
             ax = axes[i][j]
-            sub = e[(e["model"] == model) & (e["task"] == task)]
-            curves = sub.groupby(["layers", "epoch"])["val_acc"].mean().mul(100)
-            for k in depths:
-                if k in curves.index.get_level_values("layers"):
-                    c = curves.loc[k]
-                    ax.plot(
-                        c.index, c.values, color=colors[k], label=f"{k} layer{'s' if k > 1 else ''}"
-                    )
+            sub = m[m["task"] == task]
+            groups = dict(list(sub.groupby(["layers", *variants])))
+            for line in lines:
+                if line in groups:
+                    c = groups[line].groupby("epoch")["val_acc"].mean().mul(100)
+                    k = line[0]
+                    label = " · ".join([f"{k} layer{'s' if k > 1 else ''}", *line[1:]])
+                    ax.plot(c.index, c.values, color=colors[line], label=label)
             ax.set_title(f"{model} · {task}", fontsize=10)
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -346,6 +401,9 @@ def report_blocks(
     images: dict[str, bytes] = {"accuracy_vs_layers.png": png_bytes(accuracy_figure(cells, label))}
     models = [m.spec.name for m in grid.models]
     tasks = [t.name for t in grid.tasks]
+    if "selection" in shown_axes(cells):
+        depths = {m.spec.name: m.depth for m in grid.models}
+        images["kept_layers.png"] = png_bytes(kept_layers_figure(trials, depths))
     for head in grid.heads:
         if (epochs["head"] == head).any():
             images[f"curves_{head}.png"] = png_bytes(curves_figure(epochs, head, models, tasks))
@@ -383,8 +441,19 @@ def report_blocks(
             + f" The last column ({AVERAGE}) is the mean over tasks.",
         ),
         Block("image", "accuracy_vs_layers.png"),
-        Block("h2", "Training curves"),
     ]
+    if "kept_layers.png" in images:
+        blocks += [
+            Block("h2", "Layers kept per selection method"),
+            Block(
+                "p",
+                "Per model and number of layers kept: a row per selection method, a column per "
+                "layer of the full model, shaded by the share of the method's trials (tasks, "
+                "finetunes, seeds) that kept the layer.",
+            ),
+            Block("image", "kept_layers.png"),
+        ]
+    blocks.append(Block("h2", "Training curves"))
     curves = [n for n in images if n.startswith("curves_")]
     blocks += [Block("image", n) for n in curves] or [Block("p", "No epoch rows.")]
     cost = costs(trials, failures)

@@ -49,10 +49,15 @@ from slimsweep.orchestrator.store import (
     join,
     notice,
 )
-from slimsweep.workers.spec import HEADS, TrialSpec
+from slimsweep.workers.spec import HEADS, FinetuneSpec, SelectionSpec, TrialSpec
 
 AVERAGE = paper.AVERAGE
-CELL_KEYS = ("head", "model", "layers", "task")
+# The axes after the paper's: their default labels (rows written before they existed have
+# nulls there, read as these). A table shows such a column only when a row is not at its
+# default, so a grid without them renders as the paper's tables.
+LATER_AXES = {"selection": SelectionSpec().label, "finetune": FinetuneSpec().label}
+ROW_KEYS = ("model", "layers", *LATER_AXES)  # one table row
+CELL_KEYS = ("head", *ROW_KEYS, "task")
 # Cell states and how the human formats mark them.
 OK, INCOMPLETE, MISSING = "ok", "incomplete", "missing"
 MARKS = {OK: "", INCOMPLETE: "*", MISSING: "—"}
@@ -153,15 +158,20 @@ def load_rows(results: str, grid: str | None = None) -> Rows:
     if line := notice(where, ignored, damaged):
         warnings.warn(line, StoreWarning, stacklevel=2)
     return Rows(
-        trials=trials.drop(columns="_folder").reset_index(drop=True),
-        epochs=epochs.drop(columns="_folder").reset_index(drop=True),
-        failures=failures.drop(columns="_folder").reset_index(drop=True),
+        trials=_later_axes_filled(trials.drop(columns="_folder").reset_index(drop=True)),
+        epochs=_later_axes_filled(epochs.drop(columns="_folder").reset_index(drop=True)),
+        failures=_later_axes_filled(failures.drop(columns="_folder").reset_index(drop=True)),
     )
 
 
 def _pairs(df: pd.DataFrame, key: str) -> pd.Series:
     """(df[key], trial_id) per row, for membership tests."""
     return pd.Series(list(zip(df[key], df["trial_id"], strict=True)), index=df.index, dtype=object)
+
+
+def _later_axes_filled(df: pd.DataFrame) -> pd.DataFrame:
+    """Null selection/finetune (rows written before those axes) as their defaults."""
+    return df.fillna(LATER_AXES)
 
 
 def load_results(results: str, grid: str | None = None) -> pd.DataFrame:
@@ -256,10 +266,11 @@ def metric_of(name: str) -> Metric:
 
 @dataclass(frozen=True)
 class Layout:
-    """What the tables show: heads, rows (model, layers), task columns and expected seeds."""
+    """What the tables show: heads, rows (model, layers, selection, finetune), task columns and
+    expected seeds."""
 
     heads: tuple[str, ...]
-    rows: tuple[tuple[str, int], ...]
+    rows: tuple[tuple[str, int, str, str], ...]
     tasks: tuple[str, ...]
     seeds: tuple[int, ...]
 
@@ -274,22 +285,28 @@ def _head_order(head: str) -> tuple[int, str]:
 
 def layout(df: pd.DataFrame, grid: Grid | None, filters: Mapping[str, Sequence[Any]]) -> Layout:
     """The grid's axes (in grid order) when given, else what the results hold: heads in the
-    paper's order, models by name, layers deepest first (as the paper's tables)."""
+    paper's order, models by name, layers deepest first (as the paper's tables), then
+    selections and finetunes by name."""
     if grid is not None:
         heads = list(grid.heads)
-        rows = [(m.spec.name, k) for m in grid.models for k in m.layers]
+        rows = list(
+            dict.fromkeys(
+                (s.model.name, s.layers, s.selection.label, s.finetune.label) for s in expand(grid)
+            )
+        )
         tasks = [t.name for t in grid.tasks]
         seeds = list(grid.seeds)
     else:
         heads = sorted(df["head"].unique(), key=_head_order)
-        pairs = df[["model", "layers"]].drop_duplicates()
+        keys = df[list(ROW_KEYS)].drop_duplicates()
         rows = sorted(
-            zip(pairs.model, pairs.layers.astype(int), strict=True), key=lambda r: (r[0], -r[1])
+            zip(keys.model, keys.layers.astype(int), keys.selection, keys.finetune, strict=True),
+            key=lambda r: (r[0], -r[1], r[2], r[3]),
         )
         tasks = sorted(df["task"].unique())
         seeds = sorted(int(s) for s in df["seed"].unique())
-    rows = [r for r in rows if r[0] in filters.get("model", [r[0]])]
-    rows = [r for r in rows if r[1] in filters.get("layers", [r[1]])]
+    for i, key in enumerate(ROW_KEYS):
+        rows = [r for r in rows if r[i] in filters.get(key, [r[i]])]
     return Layout(
         heads=tuple(_keep(heads, "head", filters)),
         rows=tuple(rows),
@@ -310,6 +327,9 @@ def _check_axis_values(
         known["task"] |= {t.name for t in grid.tasks}
         known["head"] |= set(grid.heads)
         known["seed"] |= set(grid.seeds)
+        for s in expand(grid):
+            known["selection"].add(s.selection.label)
+            known["finetune"].add(s.finetune.label)
     for key, values in filters.items():
         if key in known and not known[key] & set(values):
             valid = ", ".join(str(v) for v in sorted(known[key], key=str)) or "none"
@@ -332,9 +352,10 @@ def human_count(n: float | None) -> str:
     return str(int(n))
 
 
-def _specs_by_cell(
-    data: pd.DataFrame, grid: Grid | None
-) -> dict[tuple[str, str, int, str], list[TrialSpec]]:
+CellKey = tuple[str, str, int, str, str, str]  # CELL_KEYS' values
+
+
+def _specs_by_cell(data: pd.DataFrame, grid: Grid | None) -> dict[CellKey, list[TrialSpec]]:
     """The trial specs behind each cell: the grid's (finished or not) when given, else those of
     the stored rows."""
     specs = (
@@ -342,9 +363,10 @@ def _specs_by_cell(
         if grid is not None
         else [TrialSpec.from_json(t) for t in data["spec_json"].drop_duplicates()]
     )
-    out: dict[tuple[str, str, int, str], list[TrialSpec]] = {}
+    out: dict[CellKey, list[TrialSpec]] = {}
     for s in specs:
-        out.setdefault((s.head, s.model.name, s.layers, s.task.name), []).append(s)
+        key = (s.head, s.model.name, s.layers, s.selection.label, s.finetune.label, s.task.name)
+        out.setdefault(key, []).append(s)
     return out
 
 
@@ -365,7 +387,8 @@ def aggregate(
     filters: Mapping[str, Sequence[Any]] | None = None,
     compare: bool = False,
 ) -> pd.DataFrame:
-    """One row per cell (head, model, layers, task; task "average" for the row average) with
+    """One row per cell (head, model, layers, selection, finetune, task; task "average" for the
+    row average) with
     columns params (the paper's label for the paper's models, else the median n_params of the
     cell's head/model/layers, formatted), mean, std (ddof=1), n (seeds with a value),
     n_expected, missing_seeds, status (ok | incomplete | missing), majority (the mean
@@ -396,16 +419,16 @@ def aggregate(
     params = data.groupby(["head", "model", "layers"])["n_params"].median()
     by_cell = _specs_by_cell(data, grid)
     sources: dict[str, set[str]] = {}
-    for (_, model, _, _), specs in by_cell.items():
+    for (_, model, *_), specs in by_cell.items():
         sources.setdefault(model, set()).update(s.model.source for s in specs)
     expected = set(lay.seeds)
 
     records = []
     for head in lay.heads:
-        for model, layers in lay.rows:
+        for model, layers, selection, finetune in lay.rows:
             row = []
             for task in lay.tasks:
-                key = (head, model, layers, task)
+                key = (head, model, layers, selection, finetune, task)
                 n = int(stats["count"].get(key, 0))
                 have = seeds.get(key, set())
                 missing = tuple(sorted(expected - have))
@@ -427,6 +450,7 @@ def aggregate(
             )
             for cell in row:
                 cell.update(head=head, model=model, layers=layers, params=label)
+                cell.update(selection=selection, finetune=finetune)
                 cell["n_expected"] = len(expected)
             records.extend(row)
     columns = [
@@ -509,9 +533,7 @@ def _not_in_paper(ref: pd.DataFrame, head: str, model: str, layers: int, task: s
     return ""
 
 
-def with_paper(
-    cells: pd.DataFrame, specs: Mapping[tuple[str, str, int, str], Sequence[TrialSpec]]
-) -> pd.DataFrame:
+def with_paper(cells: pd.DataFrame, specs: Mapping[CellKey, Sequence[TrialSpec]]) -> pd.DataFrame:
     """Adds, per cell: `protocol` (the paper protocol its trials follow, "" if none), `paper`
     (the paper's number for the same head, model, depth and task, only where the protocol is
     the paper's; for the average, the mean of the paper's numbers over the tasks shown, only
@@ -529,14 +551,17 @@ def with_paper(
     protocol, value, why = [], [], []
     for c in out.itertuples(index=False):
         key = (c.head, c.model, c.layers, c.task)
-        name, reason = ("", "") if c.task == AVERAGE else _cell_protocol(specs.get(key, ()))
-        reason = _not_in_paper(ref, c.head, c.model, c.layers, c.task) or reason
+        cell = (*key[:3], c.selection, c.finetune, c.task)
+        name, reason = ("", "") if c.task == AVERAGE else _cell_protocol(specs.get(cell, ()))
+        if (c.selection, c.finetune) != tuple(LATER_AXES.values()):
+            reason = "the paper keeps the first layers and fine-tunes them all (first-k, full)"
+        else:
+            reason = _not_in_paper(ref, c.head, c.model, c.layers, c.task) or reason
         protocol.append(name)
         value.append(math.nan if reason else ref_value.get(key, math.nan))
         why.append(reason)
     out["protocol"], out["paper"], out["no_paper"] = protocol, value, why
-    rows = ["head", "model", "layers"]
-    for _, group in out.groupby(rows, sort=False):
+    for _, group in out.groupby(["head", *ROW_KEYS], sort=False):
         tasks_part = group[group["task"] != AVERAGE]
         avg = group.index[group["task"] == AVERAGE]
         names = set(tasks_part["protocol"])
@@ -549,18 +574,26 @@ def with_paper(
 # --- the paper's table shape ---------------------------------------------------------------
 
 
+def shown_axes(cells: pd.DataFrame) -> list[str]:
+    """The later axes (selection, finetune) the tables show: those with a value other than
+    their default in some cell."""
+    return [k for k, default in LATER_AXES.items() if k in cells and (cells[k] != default).any()]
+
+
 def to_tables(cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per head, a wide table: index (model, layers, params), columns (task, field) with the
-    tasks in order and "average" last; fields mean, std, n, status, majority [, paper, diff]."""
+    """Per head, a wide table: index (model, layers, [selection, finetune: see `shown_axes`,]
+    params), columns (task, field) with the tasks in order and "average" last; fields mean,
+    std, n, status, majority [, paper, diff]."""
     fields = [c for c in ("mean", "std", "n", "status", "majority", "paper", "diff") if c in cells]
+    index = ["model", "layers", *shown_axes(cells), "params"]
     tables = {}
     for head in dict.fromkeys(cells["head"]):
         c = cells[cells["head"] == head]
         tasks = list(dict.fromkeys(c["task"]))
-        rows = list(dict.fromkeys(zip(c.model, c.layers, c.params, strict=True)))
-        wide = c.set_index(["model", "layers", "params", "task"])[fields].unstack("task")
+        rows = list(dict.fromkeys(zip(*(c[k] for k in index), strict=True)))
+        wide = c.set_index([*index, "task"])[fields].unstack("task")
         wide = wide.swaplevel(axis=1).reindex(
-            index=pd.MultiIndex.from_tuples(rows, names=["model", "layers", "params"]),
+            index=pd.MultiIndex.from_tuples(rows, names=index),
             columns=pd.MultiIndex.from_product([tasks, fields], names=["task", "field"]),
         )
         tables[head] = wide
@@ -613,13 +646,14 @@ def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """A wide table (see `to_tables`) as header and rows of cell texts, for people; the last
     row is the majority-class baseline when the table has one."""
     tasks = list(dict.fromkeys(table.columns.get_level_values("task")))
-    header = ["model", "layers", "params", *tasks]
+    header = [*table.index.names, *tasks]
     rows = []
-    for (model, layers, params), r in table.iterrows():
-        rows.append([model, str(layers), params, *(cell_text(r[t]) for t in tasks)])
+    for keys, r in table.iterrows():
+        rows.append([*map(str, keys), *(cell_text(r[t]) for t in tasks)])
     baseline = majority_row(table)
     if baseline is not None:
-        rows.append([MAJORITY, "", "", *(_num(v) or MARKS[MISSING] for v in baseline)])
+        blank = [""] * (table.index.nlevels - 1)
+        rows.append([MAJORITY, *blank, *(_num(v) or MARKS[MISSING] for v in baseline)])
     return header, rows
 
 
@@ -693,7 +727,8 @@ def notes(cells: pd.DataFrame) -> list[str]:
 
 
 def _flat(cells: pd.DataFrame) -> pd.DataFrame:
-    """One row per head x model x layers, columns `<task>.<field>`: for spreadsheets."""
+    """One row per head x model x layers (x selection x finetune, when shown), columns
+    `<task>.<field>`: for spreadsheets."""
     parts = []
     for head, table in to_tables(cells).items():
         wide = table.copy()
@@ -729,29 +764,46 @@ def _latex_cell(cell: Mapping[str, Any]) -> str:
     return text
 
 
+# Row-key columns of the LaTeX tables: heading and alignment.
+LATEX_KEYS = {
+    "model": ("Model", "l"),
+    "layers": ("Layers", "r"),
+    "selection": ("Selection", "l"),
+    "finetune": ("Fine-tune", "l"),
+    "params": ("Params", "r"),
+}
+
+
 def _latex(cells: pd.DataFrame, metric: str) -> str:
     out = []
     for head, table in to_tables(cells).items():
         tasks = list(dict.fromkeys(table.columns.get_level_values("task")))
+        keys = [LATEX_KEYS[k] for k in table.index.names]
         out.append(f"% {head}: {METRICS[metric].label}, mean $\\pm$ std over seeds")
-        out.append("\\begin{tabular}{lrr" + "r" * len(tasks) + "}")
+        out.append("\\begin{tabular}{" + "".join(a for _, a in keys) + "r" * len(tasks) + "}")
         out.append("\\toprule")
-        out.append(" & ".join(["Model", "Layers", "Params", *map(_latex_escape, tasks)]) + r" \\")
+        out.append(" & ".join([*(h for h, _ in keys), *map(_latex_escape, tasks)]) + r" \\")
         out.append("\\midrule")
-        for (model, layers, params), r in table.iterrows():
-            row = [_latex_escape(model), str(layers), params, *(_latex_cell(r[t]) for t in tasks)]
+        for values, r in table.iterrows():
+            row = [*(_latex_escape(str(v)) for v in values), *(_latex_cell(r[t]) for t in tasks)]
             out.append(" & ".join(row) + r" \\")
         baseline = majority_row(table)
         if baseline is not None:
             out.append("\\midrule")
-            row = [MAJORITY, "", "", *(_num(v) or "--" for v in baseline)]
+            blank = [""] * (len(keys) - 1)
+            row = [MAJORITY, *blank, *(_num(v) or "--" for v in baseline)]
             out.append(" & ".join(row) + r" \\")
         out.extend(["\\bottomrule", "\\end{tabular}", ""])
     return "\n".join(out)
 
 
 def _json(cells: pd.DataFrame) -> str:
-    records = cells.assign(missing_seeds=cells["missing_seeds"].map(list)).to_dict("records")
+    hidden = [k for k in LATER_AXES if k not in shown_axes(cells)]
+    records = (
+        cells.drop(columns=hidden)
+        .assign(missing_seeds=cells["missing_seeds"].map(list))
+        .to_dict("records")
+    )
     clean = [
         {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
         for r in records

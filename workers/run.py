@@ -19,7 +19,8 @@ from datetime import UTC, datetime
 import torch
 from slimsweep.workers.data import prepare
 from slimsweep.workers.families import load_model
-from slimsweep.workers.spec import EpochRow, SpecError, TrialResult, TrialSpec
+from slimsweep.workers.finetune import apply_finetune, check_device, trainable_parameters
+from slimsweep.workers.spec import EpochRow, SpecError, TrialResult, TrialSpec, check_finetune
 from slimsweep.workers.train import (
     OnEpoch,
     accuracy,
@@ -110,10 +111,12 @@ def _run(
             f"trial {spec.trial_id}: runtime.device is cuda but this machine has no usable GPU; "
             f"set runtime.device: auto or cpu"
         )
+    check_finetune(spec.finetune, spec.layers, spec.runtime.device)
+    check_device(spec, device)
     seed_everything(spec.seed, device)
     loaded = load_model(spec)
     data = prepare(spec, loaded.tokenizer, loaded.context_length)
-    model = loaded.model.to(device)
+    model = apply_finetune(spec, loaded.model).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     out = train(
@@ -132,6 +135,7 @@ def _run(
         spec_json=spec.to_json(),
         kept_layers=loaded.kept_layers,
         n_params=loaded.n_params,
+        n_trainable_params=sum(p.numel() for p in trainable_parameters(model)),
         selection_scores_json=json.dumps(loaded.selection_scores, sort_keys=True),
         best_epoch=out.best_epoch,
         epochs_run=len(out.rows),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
-from slimsweep.workers.tables import SELECTIONS
+from slimsweep.workers.tables import FINETUNES, SELECTIONS
 
 HEADS = ("prompt-lm", "prompt-cls", "vanilla-cls")
 PRECISIONS = ("fp32", "bf16")
@@ -168,7 +168,59 @@ class FinetuneSpec:
 
     @property
     def label(self) -> str:
-        return f"last-{self.last_n}" if self.mode == "last-n" else self.mode
+        """The grid spelling plus each LoRA setting that differs from its default, so distinct
+        specs never share a label: full, last-3, lora, lora-r16-a32, lora-d0.1-q_proj+v_proj."""
+        if self.mode == "last-n":
+            return f"last-{self.last_n}"
+        default = FinetuneSpec()
+        parts = [self.mode]
+        for prefix, name in (("r", "lora_r"), ("a", "lora_alpha"), ("d", "lora_dropout")):
+            if getattr(self, name) != getattr(default, name):
+                parts.append(f"{prefix}{getattr(self, name)!r}")
+        if self.lora_targets:
+            parts.append("+".join(self.lora_targets))
+        return "-".join(parts)
+
+
+def check_finetune(ft: FinetuneSpec, layers: int, device: str) -> None:
+    """SpecError unless `ft` names a known mode with only the settings it reads, in range for
+    `layers` kept layers, on a `runtime.device` it can run on (as far as the spec tells: on
+    `auto` the trial itself finds out). `validate()` calls it as
+    `check_finetune(spec.finetune, spec.layers, spec.runtime.device)`."""
+    if ft.mode not in FINETUNES:
+        known = ", ".join(f.spelling for f in FINETUNES.values())
+        raise SpecError(f"finetune.mode: unknown mode {ft.mode!r}; use one of {known}")
+    mode = FINETUNES[ft.mode]
+    if ft.mode == "last-n" and not 1 <= ft.last_n <= layers:
+        raise SpecError(
+            f"finetune: last-{ft.last_n} trains the last {ft.last_n} layers but {layers} "
+            f"are kept; use last-1..last-{layers}, or keep more layers"
+        )
+    if ft.mode != "last-n" and ft.last_n != 0:
+        raise SpecError(f"finetune.last_n: only mode last-n reads it, not {ft.mode}; drop it")
+    default = FinetuneSpec()
+    lora = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+    if not mode.lora:
+        for name in lora:
+            if getattr(ft, name) != getattr(default, name):
+                raise SpecError(
+                    f"finetune.{name}: only modes lora and qlora read it, not {ft.mode}; drop it"
+                )
+    if ft.lora_r < 1:
+        raise SpecError(f"finetune.lora_r: rank {ft.lora_r} is below 1; use e.g. r: 8")
+    if ft.lora_alpha <= 0:
+        raise SpecError(f"finetune.lora_alpha: {ft.lora_alpha} must be positive; e.g. alpha: 16")
+    if not 0 <= ft.lora_dropout < 1:
+        raise SpecError(f"finetune.lora_dropout: {ft.lora_dropout} is outside [0, 1); e.g. 0.05")
+    if any(not isinstance(t, str) or not t for t in ft.lora_targets):
+        raise SpecError(
+            "finetune.lora_targets: expected module names, e.g. targets: [q_proj, v_proj]"
+        )
+    if mode.needs_cuda and device == "cpu":
+        raise SpecError(
+            f"finetune: {ft.label} needs a CUDA GPU (bitsandbytes 4-bit kernels) but "
+            f"runtime.device is cpu; use lora on a CPU, or run on a GPU"
+        )
 
 
 def _plain(value: Any) -> Any:
@@ -223,6 +275,7 @@ class TrialSpec:
             check_section(getattr(self, name), _hints(TrialSpec)[name], key)
         check_sampler(self.data)
         check_selection(self.selection)
+        check_finetune(self.finetune, self.layers, self.runtime.device)
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide what is computed (the grid name and runtime are not)."""

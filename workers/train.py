@@ -6,9 +6,10 @@ loss is summed on the device and read once per epoch.
 
 Restarts: at the end of an epoch, when a checkpoint is due (`checkpoint_due`: every
 `runtime.checkpoint_every` epochs, and at least `runtime.checkpoint_min_s` after the last one),
-the loop writes what it needs to go on (model, optimiser, RNG states, history, best weights)
-into a fresh temporary folder, hands it to `on_epoch` and removes it when `on_epoch` returns
-(copy it there to keep it). Given that folder as `resume_from`, the loop continues with the
+the loop writes what it needs to go on (the trainable weights, optimiser, RNG states, history,
+best trainable weights; the frozen rest is rebuilt from the source) into a fresh temporary
+folder, hands it to `on_epoch` and removes it when `on_epoch` returns (copy it there to keep
+it). Given that folder as `resume_from`, the loop continues with the
 next epoch and ends exactly as an uninterrupted run would.
 """
 
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from slimsweep.workers.families import compile_layers
+from slimsweep.workers.finetune import load_trainable, trainable_parameters, trainable_state
 from slimsweep.workers.heads import HEADS, Encoded, batch_loss, predict_logits
 from slimsweep.workers.spec import EpochRow, RuntimeSpec, SpecError, TrialSpec
 from torch import nn
@@ -182,10 +184,6 @@ class _State:
         return len(self.val_history)
 
 
-def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
     np_state = np.random.get_state()
     return {
@@ -219,7 +217,7 @@ def _save(
     best_is_current = best_epoch(state.val_history) == state.epoch
     torch.save(
         {
-            "model": model.state_dict(),
+            "model": trainable_state(model),  # the frozen rest is rebuilt from the source
             "optimizer": optimizer.state_dict(),
             "best_state": None if best_is_current else state.best_state,
             "rng": _rng_state(gen),
@@ -237,13 +235,13 @@ def _load(
     folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, gen: torch.Generator
 ) -> _State:
     ckpt = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["model"])
+    load_trainable(model, ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     _set_rng_state(ckpt["rng"], gen)
     return _State(
         rows=[EpochRow(**r) for r in ckpt["rows"]],
         val_history=list(ckpt["val_history"]),
-        best_state=ckpt["best_state"] if ckpt["best_state"] is not None else _cpu_copy(model),
+        best_state=ckpt["best_state"] if ckpt["best_state"] is not None else trainable_state(model),
         train_tokens=ckpt["train_tokens"],
         elapsed_s=ckpt["elapsed_s"],
     )
@@ -259,11 +257,12 @@ def checkpoint_due(runtime: RuntimeSpec, epoch: int, since_last_s: float) -> boo
 
 
 def make_optimizer(spec: TrialSpec, model: nn.Module):
-    """AdamW; fused (one kernel over all parameters) on CPU and CUDA unless the runtime says
-    no. On CPU the fused kernel is ~9x faster than torch's default per-tensor loop for a
-    SmolLM2 embedding, and equal to it within float noise."""
+    """AdamW over the trainable parameters only (see `finetune`); fused (one kernel over all
+    of them) on CPU and CUDA unless the runtime says no. On CPU the fused kernel is ~9x faster
+    than torch's default per-tensor loop for a SmolLM2 embedding, and equal to it within float
+    noise."""
     return torch.optim.AdamW(
-        model.parameters(),
+        trainable_parameters(model),
         lr=spec.train.lr,
         weight_decay=spec.train.weight_decay,
         fused=spec.runtime.fused_adamw,
@@ -361,7 +360,7 @@ def train(
         val_acc = accuracy(predict(valid), [e.label for e in valid])
         state.val_history.append(val_acc)
         if best_epoch(state.val_history) == state.epoch:
-            state.best_state = _cpu_copy(model)
+            state.best_state = trainable_state(model)
         wall = time.monotonic() - start
         row = EpochRow(spec.trial_id, state.epoch, loss, val_acc, wall)
         state.rows.append(row)
@@ -378,7 +377,7 @@ def train(
                     shutil.rmtree(folder, ignore_errors=True)
 
     if state.best_state is not None:
-        model.load_state_dict(state.best_state)
+        load_trainable(model, state.best_state)
     test_preds = predict(data.test)
     best = best_epoch(state.val_history)
     return TrainOutcome(

@@ -148,15 +148,17 @@ def test_plan_shows_the_selection_axis(tmp_path: Path, capsys: pytest.CaptureFix
     ]
 
 
-def test_selection_demo_grid_expands_to_one_trial_per_method() -> None:
+def test_selection_demo_grid_expands_to_one_trial_per_method_and_finetune() -> None:
     grids = Path(__file__).resolve().parents[2] / "grids"
     specs = expand(load_grid(grids / "selection-demo.yaml"))
-    assert [s.selection.method for s in specs] == [
-        "first-k",
-        "random",
-        "block-influence",
-        "angular",
-        "magnitude-l2",
-        "taylor",
+    assert [(s.selection.method, s.finetune.label) for s in specs] == [
+        ("first-k", "full"),
+        ("first-k", "last-2"),
+        ("random", "full"),
+        ("random", "last-2"),
+        ("block-influence", "full"),
+        ("block-influence", "last-2"),
+        ("magnitude-l2", "full"),
+        ("magnitude-l2", "last-2"),
     ]
     assert {s.layers for s in specs} == {8}
