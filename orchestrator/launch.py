@@ -110,10 +110,11 @@ def _auto_gpus(specs: list[TrialSpec], cluster: Cluster, warn: Callable[[str], N
     sizes = []
     for s in specs:
         cfg = model_config(s.model.source)
-        if cfg is None:
+        n_params = estimate_params(cfg, s.layers) if cfg else None
+        if n_params is None:
             warn(f"gpus: auto: shape of model '{s.model.name}' unknown; one GPU per trial")
             return 1.0
-        sizes.append((estimate_params(cfg, s.layers), s.train.precision))
+        sizes.append((n_params, s.train.precision))
     if not cluster.gpu_memory_bytes:
         warn("gpus: auto: GPU memory unknown; one GPU per trial")
         return 1.0

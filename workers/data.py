@@ -20,12 +20,14 @@ from typing import Any
 
 from slimsweep.workers import synthetic
 from slimsweep.workers.spec import SpecError, TaskSpec, TrialSpec
+from slimsweep.workers.tables import HEADS
 from slimsweep.workers.tasks import FIELD_ALIASES
 
 # Synthetic pools: large enough for the paper's sizes (200 + 1000 valid, 1000 test).
 SYNTHETIC_POOLS = {"train": (2000, 0), "test": (1000, 1)}  # split -> (rows, seed)
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-PROMPT_HEADS = ("prompt-lm", "prompt-cls")  # heads that read a template and demonstrations
+# heads that read a template and demonstrations
+PROMPT_HEADS = tuple(name for name, kind in HEADS.items() if kind.prompted)
 
 Row = dict[str, Any]  # {"text": str, "label": int, "idx": int (row index in its split)}
 
@@ -417,7 +419,7 @@ def prepare(spec: TrialSpec, tokenizer: Any, context_length: int) -> Prepared:
     ]
     label_ids = (
         label_token_ids(task, tokenizer, spec.data.label_word_rule)
-        if spec.head == "prompt-lm"
+        if HEADS[spec.head].classifier is None  # the LM head reads the label words' ids
         else []
     )
     manifest = {

@@ -15,7 +15,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-HEADS = ("prompt-lm", "prompt-cls", "vanilla-cls")
+from slimsweep.workers.tables import HEADS as HEAD_KINDS
+
+HEADS = tuple(HEAD_KINDS)  # the grid's `heads:` values (workers.tables.HEADS holds their facts)
 PRECISIONS = ("fp32", "bf16")
 LM_LOSSES = ("label-words", "full-vocab")
 LABEL_WORD_RULES = ("single-token", "first-subtoken")

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from slimsweep.workers.families import FAMILIES, family_of, head_module, load_model
+from slimsweep.workers.families import family_of, head_module, load_model
 from slimsweep.workers.spec import ModelSpec, RuntimeSpec, SpecError, TrialSpec
+from slimsweep.workers.tables import FAMILIES
 from slimsweep.workers.tasks import TASKS
 
 HEADS = ("prompt-lm", "prompt-cls", "vanilla-cls")
@@ -122,9 +123,13 @@ def test_missing_package_names_the_install_command() -> None:
         load_model(make_spec("pkg:no_such_pkg_xyz", 1, gguf_file="m.gguf"))
 
 
-def test_unknown_model_type_is_a_spec_error() -> None:
-    with pytest.raises(SpecError, match="model_type 'bert' has no family"):
+def test_unknown_model_type_names_the_table_entry_to_add() -> None:
+    with pytest.raises(SpecError) as e:
         family_of("bert")
+    assert str(e.value).startswith("model_type 'bert' has no family (known: gemma, gemma2, ")
+    assert "add a Family entry covering it to FAMILIES in slimsweep/workers/tables.py" in str(
+        e.value
+    )
 
 
 def test_wrong_gguf_file_lists_the_files_present(tmp_path: Path) -> None:
