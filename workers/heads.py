@@ -213,7 +213,12 @@ class PrefixCache:
     def encode(cls, model: nn.Module, prefix_ids: Sequence[int], device: torch.device):
         decoder = body(model)
         ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
-        cache = decoder(input_ids=ids, use_cache=True)[_cache_kwarg(decoder)]
+        # A cache made without the config keeps every position in every layer: the model's own
+        # would keep only the last window of a sliding-window layer (Mistral, Qwen2, Gemma 2/3),
+        # which `expand`'s plain layers cannot line up with the mask. The mask still applies
+        # each layer's window, so the logits are the full prompt's.
+        cache = DynamicCache()
+        decoder(input_ids=ids, use_cache=True, **{_cache_kwarg(decoder): cache})
         return cls(tuple((layer.keys, layer.values) for layer in cache.layers))
 
     def expand(self, batch_size: int) -> DynamicCache:

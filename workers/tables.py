@@ -36,7 +36,7 @@ class Family:
     layers: str  # the decoder layer list
     final_norm: str
     embeddings: str  # the token embedding
-    lm_head: str  # the LM head (GPT-NeoX calls it embed_out)
+    lm_head: str  # the LM head
     # differences in computation
     learned_positions: bool  # a learned position-embedding table (else rotary)
     gated_mlp: bool  # MLP of three matrices (gate, up, down) rather than two
@@ -144,7 +144,8 @@ FAMILIES: dict[str, Family] = _unique(
             per_layer_keys=("layer_types",),
             logit_softcap_key="final_logit_softcapping",
         ),
-        # Pythia.
+        # Pythia. Its checkpoints call the LM head embed_out; transformers 5 renames it to
+        # lm_head when loading (conversion_mapping), and saves it as lm_head.
         Family(
             name="gpt_neox",
             model_types=("gpt_neox",),
@@ -158,7 +159,7 @@ FAMILIES: dict[str, Family] = _unique(
             layers="gpt_neox.layers",
             final_norm="gpt_neox.final_layer_norm",
             embeddings="gpt_neox.embed_in",
-            lm_head="embed_out",
+            lm_head="lm_head",
             learned_positions=False,
             gated_mlp=False,
         ),
