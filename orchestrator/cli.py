@@ -78,6 +78,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         max_concurrent=args.max_concurrent,
         resume=args.resume,
         dry_run=args.dry_run,
+        rerun=frozenset(find_trial(grid, t).trial_id for t in args.rerun),
     )
     if not summary.dry_run:
         print(
@@ -173,6 +174,19 @@ def cmd_run_trial(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from slimsweep.orchestrator.export import export_trial
+
+    grid = load_grid(args.grid)
+    spec = find_trial(grid, args.trial)
+    done = export_trial(grid, grid_results(args, grid), spec.trial_id, args.out)
+    print(
+        f"trial {done.trial_id}: {done.n_params / 1e6:.1f} M params written to {done.out} "
+        f"(model card README.md); load it with transformers.{done.auto_class}.from_pretrained"
+    )
+    return 0
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from slimsweep.orchestrator import results as res
 
@@ -230,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-concurrent", type=int, help="at most N trials at once")
     sp.add_argument("--resume", action="store_true", help="also rerun failed trials")
     sp.add_argument("--dry-run", action="store_true", help="print what would run; run nothing")
+    sp.add_argument(
+        "--rerun",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="run this trial again even if done (an id or unique prefix; repeatable), e.g. "
+        "after setting runtime.save_model: best to keep its weights",
+    )
     sp.set_defaults(func=cmd_launch)
 
     sp = sub.add_parser("status", help="done / failed / missing trials of a grid")
@@ -243,6 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--spec", help="a TrialSpec JSON file instead of a grid and --trial")
     sp.add_argument("--json", action="store_true", help="print the record as JSON")
     sp.set_defaults(func=cmd_run_trial)
+
+    sp = sub.add_parser(
+        "export",
+        help="write a trial's pruned model as a Hugging Face folder with a model card",
+        description="Write a finished trial's pruned, fine-tuned model (kept with "
+        "runtime.save_model: best) as a Hugging Face folder: safetensors weights, config, "
+        "tokenizer and a model card README.md.",
+        epilog="example: slimsweep export grids/demo.yaml --trial 3f2a --out models/best",
+    )
+    sp.add_argument("grid", help="the grid file holding the trial")
+    sp.add_argument("--trial", required=True, help="the trial's id (a unique prefix is enough)")
+    sp.add_argument("--out", required=True, help="a new or empty folder to write the model to")
+    sp.add_argument("--results", help="results root, a folder or URI (s3://, gs://)")
+    sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("results", help="the paper's tables for a grid: mean ± std over seeds")
     sp.add_argument("grid")

@@ -23,6 +23,7 @@ from slimsweep.workers.spec import (
     OVERFLOW_RULES,
     PKG_PREFIX,
     PRECISIONS,
+    SAVE_MODELS,
     DataSpec,
     ModelSpec,
     RuntimeSpec,
@@ -90,6 +91,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "overflow": OVERFLOW_RULES,
     "optimizer": ("adamw",),
     "device": ("auto", "cpu", "cuda"),
+    "save_model": SAVE_MODELS,
 }
 
 

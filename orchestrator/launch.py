@@ -41,7 +41,7 @@ from slimsweep.orchestrator.plan import expand, pending
 from slimsweep.orchestrator.store import Store, failure_result
 from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec
 
-# run_trial's signature: (spec, *, on_epoch, resume_from) -> (result, epoch rows).
+# run_trial's signature: (spec, *, on_epoch, resume_from[, on_weights]) -> (result, epoch rows).
 OnEpoch = Callable[[EpochRow, str | None], None]
 TrialFn = Callable[..., tuple[TrialResult, list[EpochRow]]]
 
@@ -154,6 +154,7 @@ def decode_record(text: str) -> tuple[TrialResult, list[EpochRow]]:
     r = d["result"]
     r["kept_layers"] = tuple(r["kept_layers"])
     r["test_acc_per_class"] = tuple(r["test_acc_per_class"])
+    r["test_preds"] = tuple(r.get("test_preds", ()))
     return TrialResult(**r), [EpochRow(**e) for e in d["epochs"]]
 
 
@@ -163,13 +164,21 @@ def _default_trial_fn() -> TrialFn:
     return run_trial
 
 
-def run_one(config: dict[str, Any], trial_fn: TrialFn | None = None) -> None:
+def run_one(
+    config: dict[str, Any], trial_fn: TrialFn | None = None, results: str | None = None
+) -> None:
     """One Tune trial: run the spec, report each epoch (with its restart checkpoint) and
-    finally the record, which is the trial's failure record if it raised."""
+    finally the record, which is the trial's failure record if it raised. With
+    runtime.save_model best, the trial's kept weights go to the store at `results` (this
+    worker writes them: a model is too large for a Tune report) before the record is sent."""
     from ray import tune
 
     spec = TrialSpec.from_json(config["spec"])
     fn = trial_fn or _default_trial_fn()
+    extra: dict[str, Any] = {}
+    if spec.runtime.save_model != "none" and results:
+        store = Store(results)
+        extra["on_weights"] = lambda folder: store.put_model(spec.trial_id, folder)
     checkpoints = True  # off after the first checkpoint the storage cannot take
 
     def on_epoch(row: EpochRow, checkpoint_dir: str | None) -> None:
@@ -189,7 +198,7 @@ def run_one(config: dict[str, Any], trial_fn: TrialFn | None = None) -> None:
     restored = tune.get_checkpoint()
     resume_dir = restored.to_directory() if restored else None
     try:
-        result, epochs = fn(spec, on_epoch=on_epoch, resume_from=resume_dir)
+        result, epochs = fn(spec, on_epoch=on_epoch, resume_from=resume_dir, **extra)
         record = encode_record(result, epochs)
     except Exception as e:  # recorded as the trial's result; deterministic, so not retried
         failed = failure_result(spec, e, started_at=started, wall_s=time.monotonic() - t0)
@@ -373,12 +382,13 @@ class LaunchSummary:
 
 
 def plan_launch(
-    grid: Grid, store: Store, resume: bool
+    grid: Grid, store: Store, resume: bool, rerun: frozenset[str] = frozenset()
 ) -> tuple[list[TrialSpec], list[TrialSpec], set[str]]:
     """(to run, earlier failures skipped, done ids): the grid minus the store's results and,
-    without `resume`, minus its failures."""
+    without `resume`, minus its failures; the trial ids in `rerun` run even when done (their
+    new record replaces the old)."""
     specs = expand(grid)
-    done = store.done_ids()
+    done = store.done_ids() - rerun
     todo = pending(specs, done)
     failed = store.failed_ids()
     skipped = [] if resume else [s for s in todo if s.trial_id in failed]
@@ -394,13 +404,15 @@ def launch(
     resume: bool = False,
     dry_run: bool = False,
     *,
+    rerun: frozenset[str] = frozenset(),
     echo: Callable[[str], None] = print_line,
     trial_fn: TrialFn | None = None,
 ) -> LaunchSummary:
-    """Run the grid's missing trials on Ray Tune; results land in `results_root` (the grid's
-    own folder or URI). `trial_fn` replaces `workers.run.run_trial` (same signature)."""
+    """Run the grid's missing trials (and those in `rerun`) on Ray Tune; results land in
+    `results_root` (the grid's own folder or URI). `trial_fn` replaces `workers.run.run_trial`
+    (same signature)."""
     store = Store(results_root)
-    to_run, skipped, done = plan_launch(grid, store, resume)
+    to_run, skipped, done = plan_launch(grid, store, resume, rerun)
     ids = {s.trial_id for s in expand(grid)}
     total = len(ids)
     summary = LaunchSummary(
@@ -518,7 +530,11 @@ def _run_tune(
         tally = Tally(total=len(specs))
         name = f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         storage = _tune_storage(store)
-        trainable = tune.with_resources(tune.with_parameters(run_one, trial_fn=trial_fn), resources)
+        # Workers reach the store by an absolute path or URI (their working folder differs).
+        where = store.uri if "://" in store.uri else store.root
+        trainable = tune.with_resources(
+            tune.with_parameters(run_one, trial_fn=trial_fn, results=where), resources
+        )
         tuner = tune.Tuner(
             trainable,
             param_space={"spec": tune.grid_search([s.to_json() for s in specs])},

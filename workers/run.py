@@ -12,13 +12,16 @@ import json
 import platform
 import resource
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import torch
 from slimsweep.workers.data import prepare
+from slimsweep.workers.export import save_trainable
 from slimsweep.workers.families import load_model
-from slimsweep.workers.spec import EpochRow, SpecError, TrialResult, TrialSpec
+from slimsweep.workers.spec import EpochRow, SpecError, TrialResult, TrialSpec, check_save_model
 from slimsweep.workers.train import (
     OnEpoch,
     accuracy,
@@ -54,11 +57,25 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+# Takes a local folder holding the kept weights (`export.WEIGHTS_FILE`) for as long as the call
+# lasts; returns where it put them (recorded as the result's `saved_model`).
+OnWeights = Callable[[str], str]
+
+
 def run_trial(
-    spec: TrialSpec, *, on_epoch: OnEpoch | None = None, resume_from: str | None = None
+    spec: TrialSpec,
+    *,
+    on_epoch: OnEpoch | None = None,
+    resume_from: str | None = None,
+    on_weights: OnWeights | None = None,
 ) -> tuple[TrialResult, list[EpochRow]]:
     """Load the truncated model, prepare the data, train, select, test; see `train.train`
-    for `on_epoch` (per-epoch rows and restart checkpoints) and `resume_from`."""
+    for `on_epoch` (per-epoch rows and restart checkpoints) and `resume_from`.
+
+    With runtime.save_model best and an `on_weights`, the best epoch's trainable weights are
+    written to a temporary folder and handed to `on_weights`, which copies them where they
+    should stay (the orchestrator: the result store); without `on_weights` none are kept."""
+    check_save_model(spec.runtime)
     started = datetime.now(UTC).isoformat()
     t0 = time.monotonic()
     device = resolve_device(spec.runtime.device)
@@ -82,6 +99,12 @@ def run_trial(
         on_epoch=on_epoch,
         resume_from=resume_from,
     )
+    saved = ""
+    if spec.runtime.save_model == "best" and on_weights is not None:
+        # train() has left the best epoch's weights in the model.
+        with tempfile.TemporaryDirectory(prefix="slimsweep-weights-") as folder:
+            save_trainable(model, folder, spec.trial_id)
+            saved = on_weights(folder)
     labels = [e.label for e in data.test]
     result = TrialResult(
         trial_id=spec.trial_id,
@@ -94,6 +117,7 @@ def run_trial(
         val_acc=out.val_acc,
         test_acc=accuracy(out.test_preds, labels),
         test_acc_per_class=per_class_accuracy(out.test_preds, labels, spec.task.n_classes),
+        test_preds=out.test_preds,
         n_train=len(data.train),
         n_valid=len(data.valid),
         n_test=len(data.test),
@@ -101,6 +125,7 @@ def run_trial(
         train_tokens=out.train_tokens,
         wall_s=out.earlier_s + time.monotonic() - t0,
         peak_mem_bytes=peak_memory_bytes(device),
+        saved_model=saved,
         device=device_name(device),
         versions_json=json.dumps(versions(), sort_keys=True),
         manifest_json=json.dumps(data.manifest, sort_keys=True),

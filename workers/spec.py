@@ -22,6 +22,7 @@ PRECISIONS = ("fp32", "bf16")
 LM_LOSSES = ("label-words", "full-vocab")
 LABEL_WORD_RULES = ("single-token", "first-subtoken")
 OVERFLOW_RULES = ("error", "truncate-left")
+SAVE_MODELS = ("none", "best")  # runtime.save_model
 TASK_KINDS = ("hub", "files", "synthetic")
 PKG_PREFIX = "pkg:"  # a model source inside an installed Python package: pkg:<package>
 
@@ -105,6 +106,8 @@ class RuntimeSpec:
     # is ~19 GB to write); 0: every `checkpoint_every` epochs
     checkpoint_min_s: float = 300.0
     cache_dir: str | None = None  # de-quantised / downloaded models, shared by trials
+    # best: keep the best epoch's trained weights in the result store (`slimsweep export`)
+    save_model: str = "none"
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,7 @@ class TrialResult:
     val_acc: float = float("nan")
     test_acc: float = float("nan")
     test_acc_per_class: tuple[float, ...] = ()
+    test_preds: tuple[int, ...] = ()  # the predicted class of each test row, in manifest order
     n_train: int = 0
     n_valid: int = 0
     n_test: int = 0
@@ -279,3 +283,12 @@ class TrialResult:
 class SpecError(ValueError):
     """A trial cannot run as specified (e.g. a label word is not one token); the message
     names the trial, the offending value and the fix."""
+
+
+def check_save_model(runtime: RuntimeSpec) -> None:
+    """runtime.save_model is one of SAVE_MODELS."""
+    if runtime.save_model not in SAVE_MODELS:
+        raise SpecError(
+            f"runtime.save_model: {runtime.save_model!r} is not one of {', '.join(SAVE_MODELS)}; "
+            f"use best to keep the best epoch's weights for `slimsweep export`"
+        )
