@@ -94,7 +94,7 @@ def model_card(grid: Grid, spec: TrialSpec, row: dict[str, Any], n_params: int) 
     of = f" of {depth}" if depth else ""
     task = spec.task
     per_class = ", ".join(
-        f"{w} {_acc(a)}"
+        f"{w!r} {_acc(a)}"
         for w, a in zip(task.label_words, row["test_acc_per_class"] or [], strict=False)
     )
     manifest = json.loads(row["manifest_json"] or "{}")
@@ -145,11 +145,16 @@ def model_card(grid: Grid, spec: TrialSpec, row: dict[str, Any], n_params: int) 
     ]
     if kind.prompted:
         demos = manifest.get("demos", [])
+        shown = (
+            f"the demonstrations (rows {demos} of `{task.dataset}`'s {task.train_split} split), "
+            f"each the template filled with its text and label word and followed by a newline, "
+            f"then "
+            if demos
+            else ""
+        )
         lines += [
-            f"The model reads the prompt it was trained on: demonstrations (train-split rows "
-            f"{demos} of `{task.dataset}`), each the template filled with its text and label "
-            f"word and followed by a newline, then the template `{task.template!r}` with the "
-            f"text and an empty label.",
+            f"The model reads the prompt it was trained on: {shown}the template "
+            f"`{task.template!r}` filled with the text and an empty label.",
             "",
         ]
     else:
