@@ -75,7 +75,6 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # make the fast paths and layer cutting meet what real Mistral/Qwen2/Gemma checkpoints do; a
 # small final-logit softcap makes a missed softcap show in the logits.
 _GQA = {
-    "num_hidden_layers": N_LAYERS,
     "hidden_size": 32,
     "intermediate_size": 64,
     "num_attention_heads": 2,
@@ -84,14 +83,12 @@ _GQA = {
     "bos_token_id": 50256,
     "eos_token_id": 50256,
 }
-_MIXED = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
 _SOFTCAP = 0.1
 FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
-    "gpt2": ("GPT2Config", {"n_layer": N_LAYERS, "n_embd": 32, "n_head": 2, "n_positions": 512}),
+    "gpt2": ("GPT2Config", {"n_embd": 32, "n_head": 2, "n_positions": 512}),
     "opt": (
         "OPTConfig",
         {
-            "num_hidden_layers": N_LAYERS,
             "hidden_size": 32,
             "num_attention_heads": 2,
             "ffn_dim": 64,
@@ -115,7 +112,7 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
             "head_dim": 16,
             "use_sliding_window": True,
             "sliding_window": 8,
-            "layer_types": _MIXED,
+            "mixed": True,
         },
     ),
     "gemma": ("GemmaConfig", {**_GQA, "head_dim": 16}),
@@ -129,14 +126,13 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
             **_GQA,
             "head_dim": 16,
             "sliding_window": 8,
-            "layer_types": _MIXED,
+            "mixed": True,
             "final_logit_softcapping": _SOFTCAP,
         },
     ),
     "gpt_neox": (
         "GPTNeoXConfig",
         {
-            "num_hidden_layers": N_LAYERS,
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_attention_heads": 2,
@@ -149,10 +145,18 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
 FAMILIES = tuple(FAMILY_CONFIGS)
 
 
-def _config(family: str, vocab: int):
+def _config(family: str, vocab: int, n_layers: int = N_LAYERS):
+    """The family's tiny config with `n_layers` layers; "mixed": full and sliding-window
+    attention alternate (layer_types), starting with full."""
     import transformers
+    from slimsweep.workers.tables import FAMILIES as TABLE
 
     cls, fields = FAMILY_CONFIGS[family]
+    fields = {**fields, TABLE[family].layer_key: n_layers}
+    if fields.pop("mixed", False):
+        fields["layer_types"] = [
+            ("full_attention", "sliding_attention")[i % 2] for i in range(n_layers)
+        ]
     return getattr(transformers, cls)(**fields, vocab_size=vocab)
 
 

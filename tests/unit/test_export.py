@@ -42,20 +42,18 @@ def varied_models(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path)
     """family -> a tiny model like conftest's whose predictions differ from prompt to prompt
     (conftest's saturate Gemma 2's tiny softcap, and GPT-NeoX's small initial weights predict
     one class): comparing predictions then compares more than one constant class."""
-    import transformers
-    from conftest import FAMILY_CONFIGS
+    from conftest import _config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     out = {}
     changes = {"gemma2": {"final_logit_softcapping": 5.0}, "gpt_neox": {"initializer_range": 0.3}}
     for family, change in changes.items():
-        cls, fields = FAMILY_CONFIGS[family]
-        fields = {**fields, **change}
+        config = _config(family, len(tok))
+        for key, value in change.items():
+            setattr(config, key, value)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(
-            getattr(transformers, cls)(**fields, vocab_size=len(tok))
-        )
+        model = AutoModelForCausalLM.from_config(config)
         folder = tmp_path_factory.mktemp(f"varied-{family}")
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
