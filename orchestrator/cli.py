@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
+from typing import TextIO
 
 from slimsweep.orchestrator.grid import Grid, GridError, load_grid
 from slimsweep.orchestrator.plan import (
@@ -93,7 +96,19 @@ def find_trial(grid: Grid, trial_id: str) -> TrialSpec:
 
 def grid_results(args: argparse.Namespace, grid: Grid) -> str:
     """The grid's own results folder or URI: <results root>/<grid name>."""
-    return f"{results_root(args, grid).rstrip('/')}/{grid.name}"
+    from slimsweep.orchestrator.store import join
+
+    return join(results_root(args, grid), grid.name)
+
+
+def rerun_hint(args: argparse.Namespace, grid: Grid, resume: bool) -> str:
+    """The command that runs the grid's missing (`resume`: and failed) trials, carrying the
+    --results it was given, quoted for a shell: it can be copied as it is."""
+    words = ["slimsweep", "launch", grid.path]
+    words += ["--results", args.results] if args.results else []
+    words += ["--resume"] if resume else []
+    what = "to rerun the failed trials" if resume else "to run the missing trials"
+    return f"{what}: {shlex.join(words)}"
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -116,10 +131,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
             f"grid '{grid.name}': {summary.total - summary.missing}/{summary.total} trials done"
             f"{f', {summary.failed} failed in this launch' if summary.failed else ''}"
         )
+        if summary.unsent:
+            print(
+                f"{summary.unsent} finished trial record(s) wait in {summary.unsent_dir} (the "
+                f"store did not answer); the next launch uploads them"
+            )
         if summary.failed or summary.failed_before_skipped:
-            print(f"to rerun the failed trials: slimsweep launch {grid.path} --resume")
+            print(rerun_hint(args, grid, resume=True))
         elif summary.missing:
-            print(f"to run the missing trials: slimsweep launch {grid.path}")
+            print(rerun_hint(args, grid, resume=False))
     return summary.exit_code
 
 
@@ -132,10 +152,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  done {st.done}/{st.total}, failed {len(st.failures)}, missing {st.missing}")
     for trial_id, error in st.failures:
         print(f"  failed {trial_id}: {error}")
+    for trial_id, problem in st.damaged:
+        print(f"  damaged {trial_id}: {problem}; the next launch reruns it")
+    if st.ignored:
+        print(f"  {st.ignored}")
+    if st.unsent:
+        print(f"  {st.unsent} finished trial(s) wait in {st.unsent_dir}; the next launch uploads")
+    if st.running:
+        print(f"  a launch is running: {st.running}")
     if st.failures:
-        print(f"to rerun the failed trials: slimsweep launch {grid.path} --resume")
+        print(rerun_hint(args, grid, resume=True))
     elif st.missing:
-        print(f"to run the missing trials: slimsweep launch {grid.path}")
+        print(rerun_hint(args, grid, resume=False))
     return st.exit_code
 
 
@@ -338,8 +366,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warning_line(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Warnings as one line each, without the source path Python adds."""
+    print(f"slimsweep: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _warning_line
+    # A store's notice (StoreWarning) comes from each reader a command uses: say it once.
+    warnings.filterwarnings("once", category=UserWarning)
     try:
         return args.func(args)
     except (GridError, SpecError) as e:

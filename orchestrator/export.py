@@ -18,7 +18,7 @@ from typing import Any
 
 from slimsweep.orchestrator.grid import Grid, GridError
 from slimsweep.orchestrator.models import model_depth
-from slimsweep.orchestrator.store import FAILED, TRIALS, Store
+from slimsweep.orchestrator.store import Store
 from slimsweep.workers.spec import TrialSpec
 from slimsweep.workers.tables import HEADS
 
@@ -41,11 +41,18 @@ def check_out(out: Path) -> None:
 
 def trial_row(grid: Grid, store: Store, trial_id: str) -> dict[str, Any]:
     """The trial's result row, with weights kept; GridError saying what to run otherwise."""
-    row = store.read_trial(TRIALS, trial_id)
+    contents = store.scan()
+    rows = {r["trial_id"]: r for r in contents.trials.to_pylist()}
+    row = rows.get(trial_id)
     if row is None:
-        failed = store.read_trial(FAILED, trial_id)
-        if failed is not None:
-            error = f"{failed['error_type']}: {failed['error_message']}".splitlines()[0]
+        if trial_id in contents.damaged:
+            raise GridError(
+                f"trial {trial_id}: {contents.damaged[trial_id]}; rerun it: slimsweep launch "
+                f"{grid.path}"
+            )
+        failed = [r for r in contents.failures.to_pylist() if r["trial_id"] == trial_id]
+        if failed:
+            error = f"{failed[0]['error_type']}: {failed[0]['error_message']}".splitlines()[0]
             raise GridError(
                 f"trial {trial_id} failed ({error}); fix the cause and rerun it: "
                 f"slimsweep launch {grid.path} --resume"

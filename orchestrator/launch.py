@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -35,10 +34,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 from slimsweep.orchestrator.grid import Grid, GridError
+from slimsweep.orchestrator.lease import Lease, holder
 from slimsweep.orchestrator.models import estimate_params, model_config
 from slimsweep.orchestrator.plan import expand, pending
-from slimsweep.orchestrator.store import Store, failure_result
+from slimsweep.orchestrator.store import (
+    Contents,
+    Store,
+    StoreUnavailable,
+    decode_record,
+    encode_record,
+    failure_result,
+    notice,
+)
 from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec
 
 # run_trial's signature: (spec, *, on_epoch, resume_from[, on_weights]) -> (result, epoch rows).
@@ -143,21 +152,6 @@ def _probe_cluster(ray: Any) -> Cluster:
 # --- the trainable (runs in a Ray worker) -------------------------------------------------
 
 
-def encode_record(result: TrialResult, epochs: list[EpochRow]) -> str:
-    return json.dumps(
-        {"result": dataclasses.asdict(result), "epochs": [dataclasses.asdict(e) for e in epochs]}
-    )
-
-
-def decode_record(text: str) -> tuple[TrialResult, list[EpochRow]]:
-    d = json.loads(text)
-    r = d["result"]
-    r["kept_layers"] = tuple(r["kept_layers"])
-    r["test_acc_per_class"] = tuple(r["test_acc_per_class"])
-    r["test_preds"] = tuple(r.get("test_preds", ()))
-    return TrialResult(**r), [EpochRow(**e) for e in d["epochs"]]
-
-
 def _default_trial_fn() -> TrialFn:
     from slimsweep.workers.run import run_trial
 
@@ -220,6 +214,7 @@ class Tally:
     ok: int = 0
     failed: int = 0
     retries: int = 0
+    unsent: int = 0  # records kept locally: the store did not take them
     running: set[str] = field(default_factory=set)
     durations: list[float] = field(default_factory=list)
     lanes: int = 1  # most trials seen running at once: the concurrency the ETA assumes
@@ -230,13 +225,13 @@ class Tally:
 
     @property
     def pending(self) -> int:
-        return self.total - self.ok - self.failed - len(self.running)
+        return self.total - self.ok - self.failed - self.unsent - len(self.running)
 
     def eta_s(self) -> float | None:
         """Mean trial time x rounds left at the current concurrency; None before the first."""
         if not self.durations:
             return None
-        left = self.total - self.ok - self.failed
+        left = self.total - self.ok - self.failed - self.unsent
         return sum(self.durations) / len(self.durations) * math.ceil(left / self.lanes)
 
     def line(self) -> str:
@@ -249,6 +244,8 @@ class Tally:
         ]
         if self.retries:
             parts.append(f"retried {self.retries}")
+        if self.unsent:
+            parts.append(f"kept locally {self.unsent}")
         parts.append("ETA " + (_duration(eta) if eta is not None else "?"))
         return " | ".join(parts)
 
@@ -256,6 +253,31 @@ class Tally:
 def _duration(s: float) -> str:
     s = round(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def keep(
+    store: Store, record: TrialResult, epochs: list[EpochRow], echo: Callable[[str], None]
+) -> tuple[TrialResult, bool]:
+    """Record one trial's outcome without ever ending the launch: (what was recorded, whether
+    the store took it). A record the store cannot hold becomes the trial's failure (naming
+    the column); a store still away after the write retries leaves the record in a local
+    folder, named in one line, for the next launch to upload."""
+    try:
+        try:
+            store.record(record, epochs)
+        except StoreUnavailable:
+            raise
+        except Exception as e:  # a value Parquet cannot hold, say: this trial's failure only
+            record, epochs = failure_result(record.spec, e, started_at=record.started_at), []
+            store.record(record, epochs)
+        return record, True
+    except StoreUnavailable as e:
+        path = store.save_unsent(record, epochs)
+        echo(
+            f"trial {record.trial_id}: {e}; its record is kept in {path} and the next "
+            f"launch uploads it"
+        )
+        return record, False
 
 
 def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> Any:
@@ -295,19 +317,21 @@ def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> A
         ) -> None:
             if RECORD_KEY not in result:
                 return
-            record, epochs = decode_record(result[RECORD_KEY])
-            if record.status == "ok":
-                store.write_result(record, epochs)
-            else:
-                store.write_failure(record)
+            try:
+                record, epochs = decode_record(result[RECORD_KEY])
+            except (ValueError, TypeError, KeyError) as e:  # not from run_one: a bug, recorded
+                record, epochs = failure_result(TrialSpec.from_json(trial.config["spec"]), e), []
+            record, sent = keep(store, record, epochs, echo)
+            if record.status != "ok":
                 error = f"{record.error_type}: {record.error_message}".splitlines()[0]
                 echo(f"trial {record.trial_id} failed: {error}")
             # A trial retried after its record arrived (its node went right after) reports
             # again: the store file is replaced, the counts must not grow.
             if trial.trial_id not in self.recorded:
                 self.recorded.add(trial.trial_id)
-                tally.ok += record.status == "ok"
-                tally.failed += record.status != "ok"
+                tally.ok += sent and record.status == "ok"
+                tally.failed += sent and record.status != "ok"
+                tally.unsent += not sent
                 start = self.started.get(trial.trial_id, time.monotonic())
                 tally.durations.append(time.monotonic() - start)
             tally.running.discard(trial.trial_id)
@@ -322,7 +346,7 @@ def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> A
                 return
             spec = TrialSpec.from_json(trial.config["spec"])
             error = _trial_error(trial)
-            store.write_failure(failure_result(spec, error))
+            keep(store, failure_result(spec, error), [], echo)
             tally.failed += 1
             first = f"{type(error).__name__}: {error}".splitlines()[0]
             echo(f"trial {spec.trial_id} failed: {first}")
@@ -369,6 +393,8 @@ class LaunchSummary:
     ok: int = 0
     failed: int = 0
     retries: int = 0
+    unsent: int = 0  # finished trials whose records the store did not take (kept locally)
+    unsent_dir: str = ""
     dry_run: bool = False
 
     @property
@@ -383,17 +409,16 @@ class LaunchSummary:
 
 def plan_launch(
     grid: Grid, store: Store, resume: bool, rerun: frozenset[str] = frozenset()
-) -> tuple[list[TrialSpec], list[TrialSpec], set[str]]:
-    """(to run, earlier failures skipped, done ids): the grid minus the store's results and,
-    without `resume`, minus its failures; the trial ids in `rerun` run even when done (their
-    new record replaces the old)."""
+) -> tuple[list[TrialSpec], list[TrialSpec], Contents]:
+    """(to run, earlier failures skipped, the store's contents): the grid minus the store's
+    done trials and, without `resume`, minus its failures. Damaged trials are not done; the
+    trial ids in `rerun` run even when done (their new record replaces the old)."""
     specs = expand(grid)
-    done = store.done_ids() - rerun
-    todo = pending(specs, done)
-    failed = store.failed_ids()
-    skipped = [] if resume else [s for s in todo if s.trial_id in failed]
+    contents = store.scan()
+    todo = pending(specs, contents.done - rerun)
+    skipped = [] if resume else [s for s in todo if s.trial_id in contents.failed]
     skip = {s.trial_id for s in skipped}
-    return [s for s in todo if s.trial_id not in skip], skipped, done
+    return [s for s in todo if s.trial_id not in skip], skipped, contents
 
 
 def launch(
@@ -410,42 +435,94 @@ def launch(
 ) -> LaunchSummary:
     """Run the grid's missing trials (and those in `rerun`) on Ray Tune; results land in
     `results_root` (the grid's own folder or URI). `trial_fn` replaces `workers.run.run_trial`
-    (same signature)."""
+    (same signature).
+
+    Before Ray starts: the store must answer (GridError otherwise), this launch takes the
+    store's lease (GridError naming the live launch holding it), deletes what dead launches
+    left in `_tune/`, and uploads the records an earlier launch kept locally. A dry run does
+    none of these (it only reads)."""
     store = Store(results_root)
-    to_run, skipped, done = plan_launch(grid, store, resume, rerun)
-    ids = {s.trial_id for s in expand(grid)}
-    total = len(ids)
-    summary = LaunchSummary(
-        grid=grid.name,
-        results=store.uri,
-        total=total,
-        done_before=len(done & ids),
-        failed_before_skipped=len(skipped),
-        to_run=tuple(s.trial_id for s in to_run),
-        dry_run=dry_run,
-    )
-    echo(
-        f"grid '{grid.name}': {total} trials, {summary.done_before} done, "
-        f"{len(to_run)} to run; results in {store.uri}"
-    )
-    if skipped:
-        echo(
-            f"{len(skipped)} trials failed earlier and are not rerun; see `slimsweep status "
-            f"{grid.path}`, fix the cause, then `slimsweep launch {grid.path} --resume`"
+    store.check()
+    with contextlib.ExitStack() as held:
+        if not dry_run:
+            held.enter_context(Lease.acquire(store))
+            _remove_leftovers(store, echo)
+            _upload_unsent(store, echo)
+        to_run, skipped, contents = plan_launch(grid, store, resume, rerun)
+        ids = {s.trial_id for s in expand(grid)}
+        summary = LaunchSummary(
+            grid=grid.name,
+            results=store.uri,
+            total=len(ids),
+            done_before=len(contents.done & ids),
+            failed_before_skipped=len(skipped),
+            to_run=tuple(s.trial_id for s in to_run),
+            dry_run=dry_run,
         )
-    if dry_run:
-        for s in to_run:
-            axes = s.axes()
+        echo(
+            f"grid '{grid.name}': {summary.total} trials, {summary.done_before} done, "
+            f"{len(to_run)} to run; results in {store.uri}"
+        )
+        if skipped:
             echo(
-                f"  would run {s.trial_id}  {axes['model']} layers={axes['layers']} "
-                f"{axes['task']} {axes['head']} seed={axes['seed']}"
+                f"{len(skipped)} trials failed earlier and are not rerun (`--resume` reruns "
+                f"them; `slimsweep status` shows their errors)"
             )
-        return summary
-    if not to_run:
-        echo("nothing to run")
-        return summary
-    tally = _run_tune(grid, store, to_run, address, max_concurrent, echo, trial_fn)
-    return dataclasses.replace(summary, ok=tally.ok, failed=tally.failed, retries=tally.retries)
+        if dry_run:
+            _dry_run_notes(store, to_run, echo)
+            return summary
+        if not to_run:
+            echo("nothing to run")
+            return summary
+        tally = _run_tune(grid, store, to_run, address, max_concurrent, echo, trial_fn)
+        return dataclasses.replace(
+            summary,
+            ok=tally.ok,
+            failed=tally.failed,
+            retries=tally.retries,
+            unsent=tally.unsent,
+            unsent_dir=str(store.unsent_dir()) if tally.unsent else "",
+        )
+
+
+def _dry_run_notes(store: Store, to_run: list[TrialSpec], echo: Callable[[str], None]) -> None:
+    for s in to_run:
+        axes = s.axes()
+        echo(
+            f"  would run {s.trial_id}  {axes['model']} layers={axes['layers']} "
+            f"{axes['task']} {axes['head']} seed={axes['seed']}"
+        )
+    if unsent := store.unsent():
+        echo(
+            f"{len(unsent)} finished trials wait in {store.unsent_dir()}; a launch uploads them "
+            f"first (and does not run them)"
+        )
+    if running := holder(store):
+        echo(f"a launch of this grid is running ({running.describe()}); a launch now would refuse")
+
+
+def _remove_leftovers(store: Store, echo: Callable[[str], None]) -> None:
+    """Delete the Tune experiments under `_tune/`: with the lease held, no live launch owns
+    them (a launch killed before its end leaves its experiment there)."""
+    selector = pafs.FileSelector(f"{store.root}/{TUNE_DIR}", allow_not_found=True)
+    left = [i.path for i in store.fs.get_file_info(selector) if i.type == pafs.FileType.Directory]
+    for path in left:
+        with contextlib.suppress(FileNotFoundError):
+            store.fs.delete_dir(path)
+    if left:
+        names = ", ".join(p.rsplit("/", 1)[1] for p in left)
+        echo(f"removed {len(left)} Tune folder(s) a stopped launch left in {TUNE_DIR}/: {names}")
+
+
+def _upload_unsent(store: Store, echo: Callable[[str], None]) -> None:
+    try:
+        n = store.upload_unsent()
+    except StoreUnavailable as e:
+        raise GridError(f"{e}; the records stay in {store.unsent_dir()}") from None
+    if n:
+        echo(
+            f"uploaded {n} finished trial record(s) an earlier launch kept in {store.unsent_dir()}"
+        )
 
 
 def check_address(address: str) -> None:
@@ -529,9 +606,9 @@ def _run_tune(
 
         tally = Tally(total=len(specs))
         name = f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        storage = _tune_storage(store)
+        storage = f"{store.root}/{TUNE_DIR}"
         # Workers reach the store by an absolute path or URI (their working folder differs).
-        where = store.uri if "://" in store.uri else store.root
+        where = store.uri if store.scheme and store.scheme != "file" else store.root
         trainable = tune.with_resources(
             tune.with_parameters(run_one, trial_fn=trial_fn, results=where), resources
         )
@@ -550,6 +627,9 @@ def _run_tune(
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=storage,
+                # On an object store Tune uses the store's own file system, so an endpoint
+                # given in the URI (?endpoint_override=...) reaches Tune and every worker.
+                storage_filesystem=None if isinstance(store.fs, pafs.LocalFileSystem) else store.fs,
                 verbose=0,
                 failure_config=tune.FailureConfig(max_failures=grid.max_failures),
                 # The latest epoch is all a restart needs; older ones only fill the disk.
@@ -564,9 +644,18 @@ def _run_tune(
         tune_log.setLevel(logging.CRITICAL)
         try:
             tuner.fit()
+        except OSError as e:  # Tune's storage (the store) went away; its records are handled
+            first = (str(e).strip() or type(e).__name__).splitlines()[0]
+            echo(
+                f"warning: Tune lost its storage in {store.uri} ({first}); every record that "
+                f"arrived is recorded or kept locally, and the next launch runs what is missing"
+            )
         finally:
             tune_log.setLevel(level)
-        _remove_tune_state(store, storage, name)
+        # Never read again (resume works from the store); if the store is away now, the next
+        # launch removes it (_remove_leftovers).
+        with contextlib.suppress(OSError):
+            store.fs.delete_dir(f"{storage}/{name}")
         return tally
     finally:
         if started:
@@ -581,25 +670,6 @@ def _fmt(resources: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in resources.items())
 
 
-def _tune_storage(store: Store) -> str:
-    """Tune's checkpoints live next to the results: on an object store every node reaches
-    them; a local root serves one machine (or a shared mount)."""
-    if "://" in store.uri and not store.uri.startswith("file://"):
-        return f"{store.uri.rstrip('/')}/{TUNE_DIR}"
-    return f"{store.root}/{TUNE_DIR}"
-
-
-def _remove_tune_state(store: Store, storage: str, name: str) -> None:
-    """Tune's experiment state is never read again (resume works from the store)."""
-    if "://" in storage:
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(f"{storage}/{name}")
-        fs.delete_dir(path)
-    else:
-        shutil.rmtree(f"{storage}/{name}", ignore_errors=True)
-
-
 # --- status --------------------------------------------------------------------------------
 
 
@@ -610,7 +680,12 @@ class Status:
     total: int
     done: int
     failures: tuple[tuple[str, str], ...]  # (trial id, one error line) of the grid's trials
-    missing: int  # neither done nor failed
+    damaged: tuple[tuple[str, str], ...]  # (trial id, what is wrong with its files): rerun
+    missing: int  # neither done nor failed (damaged included)
+    ignored: str | None  # one line naming the other files the store ignored
+    unsent: int  # finished trials whose records wait locally for the next launch to upload
+    unsent_dir: str
+    running: str | None  # the launch holding the store's lease, if one is running
 
     @property
     def exit_code(self) -> int:
@@ -619,19 +694,28 @@ class Status:
 
 def status(grid: Grid, results_root: str) -> Status:
     store = Store(results_root)
+    contents = store.scan(notify=False)  # status names what it ignored itself
     ids = {s.trial_id for s in expand(grid)}
-    done = store.done_ids() & ids
-    failures = store.read_failures()
+    done = contents.done & ids
+    failures = contents.failures.to_pandas()
     failures = failures[failures.trial_id.isin(ids)]
     lines = tuple(
         (r.trial_id, f"{r.error_type}: {r.error_message}".splitlines()[0])
         for r in failures.itertuples()
     )
+    damaged = tuple((i, r) for i, r in contents.damaged.items() if i in ids)
+    others = [i for i in contents.ignored if i.trial_id not in dict(damaged)]
+    running = holder(store)
     return Status(
         grid=grid.name,
         results=store.uri,
         total=len(ids),
         done=len(done),
         failures=lines,
+        damaged=damaged,
         missing=len(ids) - len(done) - len(lines),
+        ignored=notice(store.uri, others),
+        unsent=len(store.unsent()),
+        unsent_dir=str(store.unsent_dir()),
+        running=running.describe() if running else None,
     )

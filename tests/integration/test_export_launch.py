@@ -49,7 +49,7 @@ def test_rerun_with_save_model_best_then_export(
     assert "0 to run" in capsys.readouterr().out
     assert main(["launch", str(path), "--results", root, "--rerun", spec.trial_id[:8]]) == 0
     store = Store(f"{root}/keep")
-    row = store.read_trial("trials", spec.trial_id)
+    (row,) = store.scan().trials.to_pylist()
     assert row["saved_model"] == f"models/{spec.trial_id}"
     assert (tmp_path / "results" / "keep" / row["saved_model"] / "trainable.safetensors").is_file()
 

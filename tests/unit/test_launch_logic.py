@@ -140,8 +140,8 @@ def test_resume_is_a_set_operation_on_the_store(grid: Grid, tmp_path: Path):
     specs = expand(grid)
     store.write_result(*ok_result(specs[0]))
     store.write_failure(fail(specs[1]))
-    to_run, skipped, done = plan_launch(grid, store, resume=False)
-    assert done == {specs[0].trial_id}
+    to_run, skipped, contents = plan_launch(grid, store, resume=False)
+    assert contents.done == {specs[0].trial_id}
     assert [s.trial_id for s in skipped] == [specs[1].trial_id]
     assert to_run == specs[2:]
     to_run, skipped, _ = plan_launch(grid, store, resume=True)
