@@ -454,7 +454,7 @@ def launch(
             grid=grid.name,
             results=store.uri,
             total=len(ids),
-            done_before=len(contents.done & ids),
+            done_before=len((contents.done - rerun) & ids),
             failed_before_skipped=len(skipped),
             to_run=tuple(s.trial_id for s in to_run),
             dry_run=dry_run,
