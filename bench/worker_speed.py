@@ -86,9 +86,10 @@ from slimsweep.orchestrator.launch import gpu_fraction  # noqa: E402
 from slimsweep.orchestrator.models import estimate_params, model_config  # noqa: E402
 from slimsweep.orchestrator.plan import expand  # noqa: E402
 from slimsweep.workers.data import PROMPT_HEADS  # noqa: E402
-from slimsweep.workers.families import auto_class, family_of  # noqa: E402
+from slimsweep.workers.families import auto_class, cut_layers, family_of  # noqa: E402
 from slimsweep.workers.heads import HEADS, predict_logits  # noqa: E402
 from slimsweep.workers.spec import RuntimeSpec, TrialSpec  # noqa: E402
+from slimsweep.workers.tables import HEADS as HEAD_KINDS  # noqa: E402
 from slimsweep.workers.train import (  # noqa: E402
     autocast,
     eval_batch_size,
@@ -103,24 +104,24 @@ GOAL_SPEEDUP = 5.0  # ... and at least 5x faster than the naive worker
 LOWEST_TOKEN = 4  # random tokens avoid the special ids at both ends of the vocabulary
 PACK_TIMEOUT_S = 900.0  # one packing run (build, warm-up, steps) of one shape
 
-# --tiny: the same families, the same depths, narrow enough for a CPU.
-TINY: dict[str, dict[str, Any]] = {
-    "gpt2": {"n_embd": 64, "n_head": 4, "vocab_size": 1024},
-    "opt": {
-        "hidden_size": 64,
-        "num_attention_heads": 4,
-        "ffn_dim": 256,
-        "word_embed_proj_dim": 64,
+
+def tiny_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """--tiny: the same family and depth, narrow enough for a CPU (the family's config keys
+    from workers.tables)."""
+    fam = family_of(cfg["model_type"])
+    fields = {
+        fam.hidden_key: 64,
+        fam.heads_key: 4,
+        fam.ffn_key: 128 if fam.gated_mlp else 256,
         "vocab_size": 1024,
-    },
-    "llama": {
-        "hidden_size": 64,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 128,
-        "vocab_size": 1024,
-    },
-}
+    }
+    if fam.kv_heads_key:
+        fields[fam.kv_heads_key] = 2
+    for key, value in (("word_embed_proj_dim", 64), ("head_dim", 16)):  # OPT's, Gemma's widths
+        if key in cfg:
+            fields[key] = value
+    return fields
+
 
 # --- variants: which runtime switches each column uses ---------------------------------------
 
@@ -235,7 +236,7 @@ def shape_config(source: str, tiny: bool) -> dict[str, Any]:
         )
     cfg = dict(cfg)
     if tiny:
-        cfg.update(TINY[family_of(cfg["model_type"]).name])
+        cfg.update(tiny_fields(cfg))
     last = cfg["vocab_size"] - 1
     cfg.update(pad_token_id=last, bos_token_id=last, eos_token_id=last)
     return cfg
@@ -296,8 +297,8 @@ def build_model(shape: Shape, head: str, classes: int, device: torch.device) -> 
 
     fields = shape.config_dict()
     cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    setattr(cfg, family_of(cfg.model_type).layer_key, shape.layers)
-    if head != "prompt-lm":
+    cut_layers(cfg, family_of(cfg.model_type), range(shape.layers))
+    if HEAD_KINDS[head].classifier is not None:
         cfg.num_labels = classes
     torch.manual_seed(0)
     with torch.device(device):
@@ -539,6 +540,8 @@ def pack_count(shape: Shape, precision: str, memory: int, max_pack: int) -> int:
     """How many trials of `shape` share one device: the orchestrator's estimate
     (launch.gpu_fraction of launch.estimate_params), capped at --max-pack."""
     n_params = estimate_params(shape.config_dict(), shape.layers)
+    if n_params is None:  # build_model has refused an unknown family already
+        return 1
     return max(1, min(max_pack, round(1 / gpu_fraction(n_params, precision, memory))))
 
 

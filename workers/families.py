@@ -1,9 +1,9 @@
 """Model families and loading: keep k decoder layers of a pretrained causal LM.
 
-Each family is a small record of where things live in the Hugging Face model (the config key
-holding the layer count, attribute paths to the body, the layer list, the final norm, the
-embeddings and the head), picked by `config.model_type`. Adding a family is adding an entry to
-`FAMILIES`.
+Each family is a record in `workers.tables.FAMILIES` of where things live in the Hugging Face
+model (the config key holding the layer count, attribute paths to the body, the layer list, the
+final norm, the embeddings and the head), picked by `config.model_type`. Adding a family is
+adding an entry there.
 
 Truncation happens at load time: the layer count in the config is overridden before the model
 is built, so `from_pretrained` creates only k layers and reads only their weights (the other
@@ -24,7 +24,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import operator
 import os
 import re
 import shutil
@@ -36,77 +35,29 @@ from typing import Any
 
 import torch
 from slimsweep.workers.spec import PKG_PREFIX, SpecError, TrialSpec
+from slimsweep.workers.tables import HEADS, MODEL_TYPES, Family, unknown_model_type
 
 DEFAULT_CACHE = Path.home() / ".cache" / "slimsweep"
 
 
-@dataclass(frozen=True)
-class Family:
-    """Where a family keeps its parts, as dotted attribute paths from the top-level HF model
-    (the same paths hold for the *ForCausalLM and *ForSequenceClassification classes)."""
-
-    name: str
-    model_types: tuple[str, ...]
-    layer_key: str  # config key holding the number of decoder layers
-    context_key: str  # config key holding the maximum sequence length
-    body: str  # the transformer without head: returns hidden states after the final norm
-    layers: str
-    final_norm: str
-    embeddings: str
-
-    def get(self, model: torch.nn.Module, part: str) -> Any:
-        """The module at this family's path for `part` (body, layers, final_norm, embeddings)."""
-        return operator.attrgetter(getattr(self, part))(model)
-
-
-FAMILIES: dict[str, Family] = {
-    "gpt2": Family(
-        name="gpt2",
-        model_types=("gpt2",),
-        layer_key="n_layer",
-        context_key="n_positions",
-        body="transformer",
-        layers="transformer.h",
-        final_norm="transformer.ln_f",
-        embeddings="transformer.wte",
-    ),
-    "opt": Family(
-        name="opt",
-        model_types=("opt",),
-        layer_key="num_hidden_layers",
-        context_key="max_position_embeddings",
-        body="model",
-        layers="model.decoder.layers",
-        final_norm="model.decoder.final_layer_norm",
-        embeddings="model.decoder.embed_tokens",
-    ),
-    # Llama-style decoders share one layout; SmolLM2 is model_type "llama".
-    "llama": Family(
-        name="llama",
-        model_types=("llama", "mistral", "qwen2"),
-        layer_key="num_hidden_layers",
-        context_key="max_position_embeddings",
-        body="model",
-        layers="model.layers",
-        final_norm="model.norm",
-        embeddings="model.embed_tokens",
-    ),
-}
-
-# The head module of each trial head: the attribute a HF model of that class keeps it under.
-HEAD_ATTR: dict[str, str] = {"prompt-lm": "lm_head", "prompt-cls": "score", "vanilla-cls": "score"}
-
-
 def family_of(model_type: str) -> Family:
-    """The family whose layout a `config.model_type` uses; SpecError if none does."""
-    for fam in FAMILIES.values():
-        if model_type in fam.model_types:
-            return fam
-    known = sorted(t for f in FAMILIES.values() for t in f.model_types)
-    raise SpecError(
-        f"model_type {model_type!r} has no family in slimsweep.workers.families "
-        f"(known: {', '.join(known)}); add a Family entry to FAMILIES"
-    )
+    """The family whose layout a `config.model_type` uses; SpecError naming the table entry
+    to add if none does."""
+    fam = MODEL_TYPES.get(model_type)
+    if fam is None:
+        raise SpecError(unknown_model_type(model_type))
+    return fam
+
+
+def cut_layers(config: Any, fam: Family, kept: Sequence[int]) -> None:
+    """Set `config` (in place) to the decoder layers `kept` of its model: the layer count, and
+    the per-layer settings (e.g. Gemma's and Qwen2's attention types) of those layers only."""
+    kept = list(kept)
+    for key in fam.per_layer_keys:
+        values = getattr(config, key, None)
+        if isinstance(values, list):
+            setattr(config, key, [values[i] for i in kept])
+    setattr(config, fam.layer_key, len(kept))
 
 
 def compile_layers(model: torch.nn.Module) -> None:
@@ -126,8 +77,12 @@ def compile_layers(model: torch.nn.Module) -> None:
 
 
 def head_module(model: torch.nn.Module, head: str) -> torch.nn.Module:
-    """The output head of a model loaded for trial head `head` (LM head or classifier)."""
-    return getattr(model, HEAD_ATTR[head])
+    """The output head of a model loaded for trial head `head`: the family's LM head or the
+    head kind's classifier."""
+    classifier = HEADS[head].classifier
+    if classifier is None:
+        return family_of(model.config.model_type).get(model, "lm_head")
+    return getattr(model, classifier)
 
 
 @dataclass
@@ -144,9 +99,9 @@ class LoadedModel:
 
 def auto_class(head: str) -> Any:
     """The transformers Auto class a trial head loads: causal LM or sequence classification."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
 
-    return AutoModelForCausalLM if head == "prompt-lm" else AutoModelForSequenceClassification
+    return getattr(transformers, HEADS[head].auto_class)
 
 
 @contextlib.contextmanager
@@ -301,11 +256,6 @@ def _load_error(spec: TrialSpec, source: str, err: Exception) -> SpecError:
     )
 
 
-# Config lists with one entry per decoder layer (e.g. Qwen2's and Gemma's sliding/full attention
-# types): a model of kept layers takes the entries at the kept indices.
-PER_LAYER_CONFIG_KEYS = ("layer_types",)
-
-
 def layer_key_pattern(fam: Family) -> re.Pattern[str]:
     """Matches a checkpoint key inside decoder layer N: group 1 is everything up to the index,
     group 2 the index. Checkpoints may omit the body's prefix (the hub's GPT-2 has `h.0.attn`,
@@ -376,10 +326,10 @@ def _kept_weights(
 def _model_class(head: str, config: Any, trial: str) -> Any:
     """The concrete class `auto_class(head)` builds for `config`: loading from a state dict
     needs it (the Auto classes want a checkpoint path to look for remote code in)."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING as LM
-    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING as CLS
+    import transformers
 
-    mapping = LM if head == "prompt-lm" else CLS
+    # AutoModelForCausalLM -> MODEL_FOR_CAUSAL_LM_MAPPING, and so on for the other Auto classes
+    mapping = getattr(transformers, HEADS[head].auto_class)._model_mapping
     if type(config) not in mapping:
         raise SpecError(
             f"trial {trial}: model_type {config.model_type!r} has no class built into "
@@ -446,11 +396,8 @@ def load_model(spec: TrialSpec, kept: Sequence[int] | None = None) -> LoadedMode
             raise _load_error(spec, source, err) from err
         fam = family_of(config.model_type)
         _check_kept(spec, config, fam, kept)
-        setattr(config, fam.layer_key, spec.layers)
-        for key in PER_LAYER_CONFIG_KEYS:
-            if isinstance(getattr(config, key, None), list):
-                setattr(config, key, [getattr(config, key)[i] for i in kept])
-        if spec.head != "prompt-lm":
+        cut_layers(config, fam, kept)
+        if HEADS[spec.head].classifier is not None:
             config.num_labels = spec.task.n_classes
         # The new classifier is initialised from torch's global generator: seed it per trial.
         torch.manual_seed(spec.seed)
@@ -473,8 +420,9 @@ def load_model(spec: TrialSpec, kept: Sequence[int] | None = None) -> LoadedMode
                     )
         except OSError as err:
             raise _load_error(spec, source, err) from err
-    head = HEAD_ATTR[spec.head]
-    missing = sorted(k for k in info["missing_keys"] if not k.startswith(head + "."))
+    # A new classifier is expected to be missing; anything else means the wrong checkpoint.
+    new = HEADS[spec.head].classifier
+    missing = sorted(k for k in info["missing_keys"] if not (new and k.startswith(new + ".")))
     if missing:
         raise SpecError(
             f"trial {spec.trial_id}: {source!r} lacks weights of the kept layers "

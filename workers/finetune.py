@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from slimsweep.workers.families import Family, family_of, head_module
 from slimsweep.workers.spec import SpecError, TrialSpec
-from slimsweep.workers.tables import FINETUNES, LORA_TARGETS
+from slimsweep.workers.tables import FINETUNES
 from torch import nn
 
 CLASSIFIER_HEADS = ("prompt-cls", "vanilla-cls")  # heads whose output layer is a new `score`
@@ -82,7 +82,7 @@ def _last_n(spec: TrialSpec, model: nn.Module, fam: Family) -> nn.Module:
 
 def lora_targets(spec: TrialSpec, fam: Family) -> tuple[str, ...]:
     """The module names LoRA adapts: the grid's, else the family's default."""
-    return spec.finetune.lora_targets or LORA_TARGETS[fam.name]
+    return spec.finetune.lora_targets or fam.lora_targets
 
 
 def _lora(spec: TrialSpec, model: nn.Module, fam: Family) -> nn.Module:

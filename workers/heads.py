@@ -26,6 +26,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from slimsweep.workers.families import family_of, head_module
+from slimsweep.workers.tables import HEADS as HEAD_KINDS
 from torch import nn
 from transformers import DynamicCache
 
@@ -93,34 +94,44 @@ def _class_loss(out: torch.Tensor, labels: torch.Tensor, label_ids: torch.Tensor
 LM_LOSSES: dict[str, LossFn] = {"label-words": _label_words_loss, "full-vocab": _full_vocab_loss}
 
 
+# loss kind (workers.tables.HeadKind.loss) -> (class logits from output logits, loss)
+LossKind = tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], Callable[[str], LossFn]]
+LOSS_KINDS: dict[str, LossKind] = {
+    # output logits [B, V] over the vocabulary, read at the label words' ids [C]
+    "lm": (lambda out, label_ids: out[:, label_ids], lambda lm_loss: LM_LOSSES[lm_loss]),
+    # output logits [B, C] of a classifier: already the class logits
+    "class": (lambda out, label_ids: out, lambda lm_loss: _class_loss),
+}
+
+
 @dataclass(frozen=True)
 class Head:
     """How one head turns a model's output at the last position into class logits."""
 
-    # the model's output layer: final hidden state -> output logits (vocabulary or classes)
-    output_layer: Callable[[nn.Module], nn.Module]
+    name: str
     # output logits [B, O], label token ids [C] -> class logits [B, C]
     class_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     # train.lm_loss -> loss; a classification head has one loss whatever lm_loss says
     loss: Callable[[str], LossFn]
-    # whether `model(...).logits` is already one row per sequence (the HF classification
-    # models pool at the last non-pad token themselves)
+    # whether `model(...).logits` is already one row per sequence
     pooled_by_model: bool
 
+    def output(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's output layer on final hidden states [B, H] -> output logits [B, O], as
+        the model's own forward computes them (with the family's logit softcap, if any)."""
+        out = head_module(model, self.name)(hidden)
+        if HEAD_KINDS[self.name].classifier is None:
+            key = family_of(model.config.model_type).logit_softcap_key
+            cap = getattr(model.config, key, None) if key else None
+            if cap:
+                out = torch.tanh(out / cap) * cap
+        return out
 
-_LM = Head(
-    output_layer=lambda model: head_module(model, "prompt-lm"),
-    class_logits=lambda out, label_ids: out[:, label_ids],
-    loss=lambda lm_loss: LM_LOSSES[lm_loss],
-    pooled_by_model=False,
-)
-_CLS = Head(
-    output_layer=lambda model: head_module(model, "prompt-cls"),
-    class_logits=lambda out, label_ids: out,
-    loss=lambda lm_loss: _class_loss,
-    pooled_by_model=True,
-)
-HEADS: dict[str, Head] = {"prompt-lm": _LM, "prompt-cls": _CLS, "vanilla-cls": _CLS}
+
+HEADS: dict[str, Head] = {
+    name: Head(name, *LOSS_KINDS[kind.loss], pooled_by_model=kind.pooled_by_model)
+    for name, kind in HEAD_KINDS.items()
+}
 
 
 # --- forward passes -------------------------------------------------------------------------
@@ -165,7 +176,7 @@ def output_logits(
         if cache is not None:
             extra = {_cache_kwarg(decoder): cache, "use_cache": True}
         hidden = decoder(input_ids=batch.input_ids, attention_mask=mask, **extra).last_hidden_state
-        return head.output_layer(model)(hidden[rows, batch.last])
+        return head.output(model, hidden[rows, batch.last])
     if cache is not None:
         extra = {_cache_kwarg(model): cache, "use_cache": True}
     logits = model(input_ids=batch.input_ids, attention_mask=mask, **extra).logits
@@ -202,7 +213,12 @@ class PrefixCache:
     def encode(cls, model: nn.Module, prefix_ids: Sequence[int], device: torch.device):
         decoder = body(model)
         ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
-        cache = decoder(input_ids=ids, use_cache=True)[_cache_kwarg(decoder)]
+        # A cache made without the config keeps every position in every layer: the model's own
+        # would keep only the last window of a sliding-window layer (Mistral, Qwen2, Gemma 2/3),
+        # which `expand`'s plain layers cannot line up with the mask. The mask still applies
+        # each layer's window, so the logits are the full prompt's.
+        cache = DynamicCache()
+        decoder(input_ids=ids, use_cache=True, **{_cache_kwarg(decoder): cache})
         return cls(tuple((layer.keys, layer.values) for layer in cache.layers))
 
     def expand(self, batch_size: int) -> DynamicCache:

@@ -13,11 +13,14 @@ import platform
 import re
 import resource
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import torch
 from slimsweep.workers.data import prepare
+from slimsweep.workers.export import save_trainable
 from slimsweep.workers.families import load_model
 from slimsweep.workers.finetune import apply_finetune, check_device, trainable_parameters
 from slimsweep.workers.spec import EpochRow, SpecError, TrialResult, TrialSpec, check_finetune
@@ -81,17 +84,30 @@ def out_of_memory_message(
     )
 
 
+# Takes a local folder holding the kept weights (`export.WEIGHTS_FILE`) for as long as the call
+# lasts; returns where it put them (recorded as the result's `saved_model`).
+OnWeights = Callable[[str], str]
+
+
 def run_trial(
-    spec: TrialSpec, *, on_epoch: OnEpoch | None = None, resume_from: str | None = None
+    spec: TrialSpec,
+    *,
+    on_epoch: OnEpoch | None = None,
+    resume_from: str | None = None,
+    on_weights: OnWeights | None = None,
 ) -> tuple[TrialResult, list[EpochRow]]:
     """Load the pruned model (the layers `spec.selection` keeps), prepare the data, train,
     select, test; see `train.train` for `on_epoch` (per-epoch rows and restart checkpoints)
     and `resume_from`. A CUDA out-of-memory error is re-raised saying what the trial needed
-    and what the GPU had."""
+    and what the GPU had.
+
+    With runtime.save_model best and an `on_weights`, the best epoch's trainable weights are
+    written to a temporary folder and handed to `on_weights`, which copies them where they
+    should stay (the orchestrator: the result store); without `on_weights` none are kept."""
     spec.validate()
     device = resolve_device(spec.runtime.device)
     try:
-        return _run(spec, device, on_epoch, resume_from)
+        return _run(spec, device, on_epoch, resume_from, on_weights)
     except torch.cuda.OutOfMemoryError as e:
         first = (str(e).strip() or "out of memory").splitlines()[0]
         held = gpu_memory(device) if device.type == "cuda" else (0, 0, 0)
@@ -103,6 +119,7 @@ def _run(
     device: torch.device,
     on_epoch: OnEpoch | None,
     resume_from: str | None,
+    on_weights: OnWeights | None,
 ) -> tuple[TrialResult, list[EpochRow]]:
     started = datetime.now(UTC).isoformat()
     t0 = time.monotonic()
@@ -128,6 +145,12 @@ def _run(
         on_epoch=on_epoch,
         resume_from=resume_from,
     )
+    saved = ""
+    if spec.runtime.save_model == "best" and on_weights is not None:
+        # train() has left the best epoch's weights in the model.
+        with tempfile.TemporaryDirectory(prefix="slimsweep-weights-") as folder:
+            save_trainable(model, folder, spec.trial_id)
+            saved = on_weights(folder)
     labels = [e.label for e in data.test]
     result = TrialResult(
         trial_id=spec.trial_id,
@@ -142,6 +165,7 @@ def _run(
         val_acc=out.val_acc,
         test_acc=accuracy(out.test_preds, labels),
         test_acc_per_class=per_class_accuracy(out.test_preds, labels, spec.task.n_classes),
+        test_preds=out.test_preds,
         n_train=len(data.train),
         n_valid=len(data.valid),
         n_test=len(data.test),
@@ -151,6 +175,7 @@ def _run(
         train_tokens=out.train_tokens,
         wall_s=out.earlier_s + time.monotonic() - t0,
         peak_mem_bytes=peak_memory_bytes(device),
+        saved_model=saved,
         device=device_name(device),
         versions_json=json.dumps(versions(), sort_keys=True),
         manifest_json=json.dumps(data.manifest, sort_keys=True),

@@ -22,12 +22,14 @@ from pathlib import PurePath
 from typing import Any
 
 from slimsweep.workers.tables import FINETUNES, SELECTIONS
+from slimsweep.workers.tables import HEADS as HEAD_KINDS
 
-HEADS = ("prompt-lm", "prompt-cls", "vanilla-cls")
+HEADS = tuple(HEAD_KINDS)  # the grid's `heads:` values (workers.tables.HEADS holds their facts)
 PRECISIONS = ("fp32", "bf16")
 LM_LOSSES = ("label-words", "full-vocab")
 LABEL_WORD_RULES = ("single-token", "first-subtoken")
 OVERFLOW_RULES = ("error", "truncate-left")
+SAVE_MODELS = ("none", "best")  # runtime.save_model
 TASK_KINDS = ("hub", "files", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw",)  # the only one train.make_optimizer builds
@@ -127,6 +129,8 @@ class RuntimeSpec:
     # is ~19 GB to write); 0: every `checkpoint_every` epochs
     checkpoint_min_s: float = 300.0
     cache_dir: str | None = None  # de-quantised / downloaded models, shared by trials
+    # best: keep the best epoch's trained weights in the result store (`slimsweep export`)
+    save_model: str = "none"
 
 
 @dataclass(frozen=True)
@@ -366,6 +370,7 @@ class TrialResult:
     val_acc: float = float("nan")
     test_acc: float = float("nan")
     test_acc_per_class: tuple[float, ...] = ()
+    test_preds: tuple[int, ...] = ()  # the predicted class of each test row, in manifest order
     n_train: int = 0
     n_valid: int = 0
     n_test: int = 0
@@ -486,7 +491,7 @@ BOUNDS: dict[type, dict[str, AtLeast]] = {
 CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
     DataSpec: {"overflow": OVERFLOW_RULES, "label_word_rule": LABEL_WORD_RULES},
     TrainSpec: {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "lm_loss": LM_LOSSES},
-    RuntimeSpec: {"device": DEVICES},
+    RuntimeSpec: {"device": DEVICES, "save_model": SAVE_MODELS},
 }
 
 
@@ -715,3 +720,4 @@ def check_calibration(cal: CalibrationSpec, key: str = "calibration") -> None:
             f"{key}.max_tokens: {cal.max_tokens} is below 2 (the LM loss needs a next token); "
             f"use e.g. 128"
         )
+

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from slimsweep.workers.families import compile_layers
+from slimsweep.workers.families import compile_layers, family_of
 from slimsweep.workers.finetune import load_trainable, trainable_parameters, trainable_state
 from slimsweep.workers.heads import HEADS, Encoded, batch_loss, predict_logits
 from slimsweep.workers.spec import EpochRow, RuntimeSpec, SpecError, TrialSpec
@@ -143,8 +143,9 @@ def eval_batch_size(
     if device.type != "cuda":
         return CPU_EVAL_BATCH
     cfg = model.config
-    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
-    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    fam = family_of(cfg.model_type)
+    hidden = getattr(cfg, fam.hidden_key)
+    layers = getattr(cfg, fam.layer_key)
     per_row = max_tokens * max(layers, 1) * hidden * EVAL_BYTES_PER_TOKEN_UNIT
     free, _ = torch.cuda.mem_get_info(device)
     return int(min(MAX_EVAL_BATCH, max(1, free // 2 // per_row)))

@@ -13,7 +13,6 @@ from slimsweep.workers.heads import HEADS, predict_logits
 from slimsweep.workers.spec import ModelSpec, RuntimeSpec, TrialSpec
 from slimsweep.workers.tasks import TASKS
 
-FAMILIES = ("gpt2", "opt", "llama")
 TEXTS = [
     "a great film",
     "the story was awful and long",
@@ -61,11 +60,6 @@ def spec_for(folder, head: str) -> TrialSpec:
         seed=0,
         runtime=RuntimeSpec(device="cpu"),
     )
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request) -> str:
-    return request.param
 
 
 @pytest.mark.parametrize("head", list(HEADS))

@@ -51,7 +51,6 @@ def numbers(result, rows) -> tuple:
 
 
 @pytest.mark.parametrize("head", HEADS)
-@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
 def test_trial_runs_end_to_end(tiny_models, local_tasks, family: str, head: str) -> None:
     spec = make_spec(tiny_models[family], local_tasks["sst2"], head)
     result, rows = run_trial(spec)
