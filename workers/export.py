@@ -16,23 +16,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from slimsweep.workers.families import load_model
+from slimsweep.workers.finetune import (
+    apply_finetune,
+    load_trainable,
+    merge_adapters,
+    trainable_state,
+)
 from slimsweep.workers.spec import SpecError, TrialSpec
 from slimsweep.workers.tables import HEADS
 from torch import nn
 
 WEIGHTS_FILE = "trainable.safetensors"
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train, by name, as contiguous CPU copies (`named_parameters` yields
-    a tied weight once)."""
-    return {
-        name: p.detach().to("cpu", copy=True).contiguous()
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
 
 
 def save_trainable(model: nn.Module, folder: str | Path, trial_id: str) -> Path:
@@ -44,33 +39,24 @@ def save_trainable(model: nn.Module, folder: str | Path, trial_id: str) -> Path:
     return path
 
 
-@torch.no_grad()
-def _load_trainable(model: nn.Module, state: dict[str, torch.Tensor], trial_id: str) -> None:
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if set(params) != set(state):
-        odd = sorted(set(params) ^ set(state))
-        raise SpecError(
-            f"trial {trial_id}: the kept weights do not match the model rebuilt from its source "
-            f"({', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}); did model.source change "
-            f"since the trial ran? Rerun the trial"
-        )
-    for name, p in params.items():
-        if p.shape != state[name].shape:
-            raise SpecError(
-                f"trial {trial_id}: kept weight {name} has shape {tuple(state[name].shape)}, "
-                f"the rebuilt model's {tuple(p.shape)}; did model.source change? Rerun the trial"
-            )
-        p.copy_(state[name])
-
-
 def export_model(spec: TrialSpec, weights_dir: str | Path, out: str | Path) -> int:
     """Write the trial's pruned, fine-tuned model and its tokenizer to `out` as a Hugging Face
     folder; returns the exported model's parameter count (tied weights once)."""
     from safetensors.torch import load_file
 
     loaded = load_model(spec)
-    model = loaded.model
-    _load_trainable(model, load_file(str(Path(weights_dir) / WEIGHTS_FILE)), spec.trial_id)
+    # The model the trial trained (LoRA: with its adapters), its kept tensors put back, then
+    # LoRA folded into the base weights.
+    model = apply_finetune(spec, loaded.model)
+    try:
+        load_trainable(model, load_file(str(Path(weights_dir) / WEIGHTS_FILE)))
+    except (ValueError, RuntimeError) as err:
+        raise SpecError(
+            f"trial {spec.trial_id}: the kept weights do not match the model rebuilt from its "
+            f"source ({str(err).splitlines()[0]}); did model.source change since the trial "
+            f"ran? Rerun the trial"
+        ) from err
+    model = merge_adapters(model)
     if HEADS[spec.head].classifier is not None:
         # The classifier's outputs named by the task's label words.
         model.config.id2label = dict(enumerate(spec.task.label_words))

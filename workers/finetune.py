@@ -202,12 +202,36 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name, detached CPU copies."""
+    """The trainable parameters by name, detached contiguous CPU copies (`named_parameters`
+    yields a tied weight once)."""
     return {
-        name: p.detach().to("cpu", copy=True)
+        name: p.detach().to("cpu", copy=True).contiguous()
         for name, p in model.named_parameters()
         if p.requires_grad
     }
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """The model with its LoRA adapters folded into the weights they adapt and peft's wrappers
+    replaced by the plain modules (a classifier kept by `modules_to_save`: its trained copy),
+    so `save_pretrained` writes a standard transformers model; a model without adapters is
+    returned as it is."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            plain = module.get_base_layer()
+        elif isinstance(module, ModulesToSaveWrapper):
+            plain = module.unload_and_optionally_merge_module(
+                merge=True, safe_merge=False, adapter_names=None
+            )
+        else:
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, plain)
+    return model
 
 
 @torch.no_grad()

@@ -201,3 +201,21 @@ def test_an_unknown_save_model_is_refused_by_grid_and_worker(
     refused = r"runtime.save_model: unknown save_model 'always'; valid: none, best"
     with pytest.raises(SpecError, match=refused):
         run_trial(bad)
+
+
+@pytest.mark.parametrize("head", ["prompt-lm", "prompt-cls"])
+def test_a_lora_trial_exports_with_its_adapters_merged(
+    varied_models, task_dirs, tmp_path: Path, head: str, capsys
+) -> None:
+    grid = write_grid(tmp_path, varied_models["gpt_neox"], task_dirs["sst2"], head)
+    grid.write_text(grid.read_text() + "finetunes: [{lora: {r: 4, alpha: 8, dropout: 0.0}}]\n")
+    result = run_into_store(grid, tmp_path / "results")
+    assert len(set(result.test_preds)) == 2
+    out = tmp_path / "exported"
+    args = ["export", str(grid), "--trial", result.trial_id, "--out", str(out)]
+    assert main([*args, "--results", str(tmp_path / "results")]) == 0
+    capsys.readouterr()
+    saved = json.loads((out / "config.json").read_text())
+    assert "lora" not in (out / "model.safetensors").read_bytes()[:4096].decode("latin-1")
+    assert saved[FAMILIES["gpt_neox"].layer_key] == 2
+    assert hf_predictions(out, result) == list(result.test_preds)
