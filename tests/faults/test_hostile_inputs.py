@@ -251,6 +251,7 @@ def test_every_argument_has_help_and_every_command_examples():
         "results",
         "query",
         "report",
+        "export",
     }
     for name, command in [("slimsweep", parser), *sub.choices.items()]:
         assert "examples:\n  slimsweep " in command.format_help(), name
