@@ -165,6 +165,8 @@ def trial_node() -> str:
     node id because several nodes can share a host (containers, `ray start` twice)."""
     import ray
 
+    if not ray.is_initialized():  # run outside Ray (a test, a notebook): asking would start one
+        return socket.gethostname()
     return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()}"
 
 
