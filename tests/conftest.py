@@ -246,3 +246,23 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture()
+def ray_tmpdir(monkeypatch: pytest.MonkeyPatch):
+    """A Ray temp dir of this test's own, exported as RAY_TMPDIR (short: Ray's socket paths
+    have a length cap), so `--address auto` finds this test's head and no other Ray on the
+    machine; its Ray is killed by pid afterwards (tests/integration/ray_nodes.py)."""
+    import shutil
+    import tempfile
+
+    from ray_nodes import kill_ray  # tests/integration, on sys.path for the tests there
+
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", tmp)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    try:
+        yield tmp
+    finally:
+        kill_ray(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ray_nodes import free_port, head_ports, kill_ray, ray_processes, wait_for
+from ray_nodes import free_port, head_ports, ray_processes, wait_for
 from slimsweep.orchestrator.grid import load_grid
 from slimsweep.orchestrator.plan import expand
 from slimsweep.orchestrator.store import Store
@@ -101,21 +101,6 @@ def _node_state(conf: Path) -> str:
         text=True,
     )
     return out.stdout.strip()
-
-
-@pytest.fixture()
-def ray_tmpdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A Ray temp dir of this test's own, exported as RAY_TMPDIR (short: Ray's socket paths
-    have a length cap), so `--address auto` finds this test's head and no other Ray on the
-    machine; its Ray is killed by pid afterwards."""
-    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    monkeypatch.setenv("RAY_TMPDIR", tmp)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    try:
-        yield tmp
-    finally:
-        kill_ray(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
