@@ -1,0 +1,156 @@
+"""Fused trials: several seeds of one cell trained as one stacked model must give each trial
+the numbers it gets alone. First, today's single-trial worker pinned to literal numbers (the
+loop must keep them when it learns to fuse); then fused bundles against separate runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from slimsweep.workers.run import run_trial
+from slimsweep.workers.spec import DataSpec, ModelSpec, RuntimeSpec, TaskSpec, TrainSpec, TrialSpec
+
+HEADS = ("prompt-lm", "prompt-cls", "vanilla-cls")
+FAMILIES = ("gpt2", "opt", "llama")
+REL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def dropout_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """The tiny models with dropout on everywhere the family has it: GPT-2 (embeddings,
+    attention, residual: 0.1 by default), OPT (hidden 0.1 by default; attention set to 0.1)
+    and Llama (attention only; set to 0.1)."""
+    out = {}
+    for family, folder in tiny_models.items():
+        copy = tmp_path_factory.mktemp(f"dropout-{family}")
+        shutil.copytree(folder, copy, dirs_exist_ok=True)
+        cfg = json.loads((copy / "config.json").read_text())
+        if family in ("opt", "llama"):
+            cfg["attention_dropout"] = 0.1
+        (copy / "config.json").write_text(json.dumps(cfg))
+        out[family] = copy
+    return out
+
+
+def make_spec(folder: Path, task: TaskSpec, head: str, seed: int, **runtime) -> TrialSpec:
+    return TrialSpec(
+        grid="fused",
+        model=ModelSpec(name="tiny", source=str(folder)),
+        layers=2,
+        task=task,
+        head=head,
+        seed=seed,
+        data=DataSpec(train_size=6, valid_size=6, test_size=6),
+        train=TrainSpec(lr=1e-3, epochs=3, patience=2),
+        runtime=RuntimeSpec(device="cpu", checkpoint_every=0, **runtime),
+    )
+
+
+def numbers(result, rows) -> tuple:
+    return (
+        [(r.epoch, r.train_loss, r.val_acc) for r in rows],
+        result.best_epoch,
+        result.val_acc,
+        result.test_acc,
+    )
+
+
+# Today's worker (before fusion), run once and written down: (epoch, train loss, val acc) per
+# epoch, best epoch, its val acc, test acc.
+PINNED: dict[tuple[str, str], tuple] = {
+    ("gpt2", "prompt-lm"): (
+        [
+            (1, 0.7528825600941976, 0.5),
+            (2, 0.5292781194051107, 0.3333333333333333),
+            (3, 0.3932134707768758, 0.3333333333333333),
+        ],
+        1,
+        0.5,
+        0.3333333333333333,
+    ),
+    ("gpt2", "prompt-cls"): (
+        [
+            (1, 0.7741549809773763, 0.5),
+            (2, 0.592249592145284, 0.3333333333333333),
+            (3, 0.4673916498819987, 0.3333333333333333),
+        ],
+        1,
+        0.5,
+        0.3333333333333333,
+    ),
+    ("gpt2", "vanilla-cls"): (
+        [
+            (1, 0.6946015357971191, 0.6666666666666666),
+            (2, 0.4901629288991292, 0.6666666666666666),
+            (3, 0.3895686864852905, 0.6666666666666666),
+        ],
+        1,
+        0.6666666666666666,
+        0.3333333333333333,
+    ),
+    ("opt", "prompt-lm"): (
+        [
+            (1, 0.7510960896809896, 0.5),
+            (2, 0.5849016904830933, 0.3333333333333333),
+            (3, 0.4766039450963338, 0.3333333333333333),
+        ],
+        1,
+        0.5,
+        0.3333333333333333,
+    ),
+    ("opt", "prompt-cls"): (
+        [
+            (1, 0.7462388674418131, 0.5),
+            (2, 0.5835182269414266, 0.5),
+            (3, 0.5184010664621989, 0.3333333333333333),
+        ],
+        1,
+        0.5,
+        0.3333333333333333,
+    ),
+    ("opt", "vanilla-cls"): (
+        [
+            (1, 0.7538818518320719, 0.16666666666666666),
+            (2, 0.5693841775258383, 0.3333333333333333),
+            (3, 0.42785998185475665, 0.5),
+        ],
+        3,
+        0.5,
+        0.5,
+    ),
+    ("llama", "prompt-lm"): (
+        [(1, 0.7486062049865723, 0.5), (2, 0.6978578567504883, 0.5), (3, 0.6927396456400553, 0.5)],
+        1,
+        0.5,
+        0.3333333333333333,
+    ),
+    ("llama", "prompt-cls"): (
+        [(1, 0.7427991231282552, 0.5), (2, 0.6977371374766032, 0.5), (3, 0.6980870564778646, 0.5)],
+        1,
+        0.5,
+        0.3333333333333333,
+    ),
+    ("llama", "vanilla-cls"): (
+        [
+            (1, 0.7249579429626465, 0.5),
+            (2, 0.4834253390630086, 0.8333333333333334),
+            (3, 0.3547373612721761, 0.6666666666666666),
+        ],
+        2,
+        0.8333333333333334,
+        0.5,
+    ),
+}
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_trial_matches_pinned_numbers(dropout_models, local_tasks, family, head) -> None:
+    spec = make_spec(dropout_models[family], local_tasks["sst2"], head, seed=11)
+    rows, best, val, test = numbers(*run_trial(spec))
+    want_rows, want_best, want_val, want_test = PINNED[family, head]
+    assert [(e, a) for e, _, a in rows] == [(e, a) for e, _, a in want_rows]
+    assert [loss for _, loss, _ in rows] == pytest.approx([w for _, w, _ in want_rows], rel=REL)
+    assert (best, val, test) == (want_best, want_val, want_test)
