@@ -26,8 +26,10 @@ from slimsweep.workers.spec import (
     DataSpec,
     ModelSpec,
     RuntimeSpec,
+    SpecError,
     TaskSpec,
     TrainSpec,
+    fuse_limit,
 )
 from slimsweep.workers.tasks import TASKS
 
@@ -142,10 +144,17 @@ class _Loader:
         out = {}
         for k, v in values.items():
             default = getattr(defaults, k)
+            if (key, k) == ("runtime", "fuse") and type(v) in (int, bool):
+                v = "off" if v is False else str(v)  # YAML 1.1 reads `off` as false; 5 -> "5"
             out[k] = self.typed(v, default, f"{key}.{k}", fields[k].type)
             if k in CHOICES and out[k] not in CHOICES[k]:
                 raise self.fail(f"{key}.{k}", f"{v!r} is not one of {', '.join(CHOICES[k])}")
         obj = cls(**out)
+        if key == "runtime":
+            try:
+                fuse_limit(obj.fuse, on_gpu=True)
+            except SpecError as e:
+                raise self.fail("runtime.fuse", str(e).split(": ", 1)[1]) from e
         for k in ("train_size", "valid_size", "test_size", "batch_size", "epochs"):
             if hasattr(obj, k) and getattr(obj, k) < 1:
                 raise self.fail(f"{key}.{k}", "must be at least 1")

@@ -37,13 +37,15 @@ from typing import Any
 
 from slimsweep.orchestrator.grid import Grid, GridError
 from slimsweep.orchestrator.models import estimate_params, model_config
-from slimsweep.orchestrator.plan import expand, pending
+from slimsweep.orchestrator.plan import bundles, expand, pending
 from slimsweep.orchestrator.store import Store, failure_result
-from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec
+from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec, bundle_id, fuse_limit
 
 # run_trial's signature: (spec, *, on_epoch, resume_from) -> (result, epoch rows).
 OnEpoch = Callable[[EpochRow, str | None], None]
 TrialFn = Callable[..., tuple[TrialResult, list[EpochRow]]]
+# run_bundle's signature: (specs, *, on_epoch, on_done(i, record or error)) -> None
+BundleFn = Callable[..., Any]
 
 RECORD_KEY = "slimsweep_record"
 TUNE_DIR = "_tune"  # Tune's own state and checkpoints, under the grid's results root
@@ -64,6 +66,23 @@ def gpu_fraction(n_params: int, precision: str, gpu_memory_bytes: int) -> float:
     (at least one trial per GPU, so a too-large trial still gets a whole GPU)."""
     need = n_params * BYTES_PER_PARAM[precision] * ACTIVATION_MARGIN + CUDA_CONTEXT_BYTES
     return 1.0 / max(1, int(gpu_memory_bytes // need))
+
+
+def plan_bundles(
+    grid: Grid, specs: list[TrialSpec], resources: dict[str, float]
+) -> tuple[list[list[TrialSpec]], dict[str, float]]:
+    """The missing trials in Tune trials (bundles of seeds under `runtime.fuse`, see
+    `plan.bundles`) and the resources of one. `auto` fuses on GPU as many trials as the
+    per-trial share says fit in one GPU; a bundle asks for its trials' shares together."""
+    gpu = resources.get("GPU", 0.0)
+    limit = fuse_limit(grid.runtime.fuse, on_gpu=gpu > 0)
+    if limit is None:
+        limit = max(1, int(1 / gpu + 1e-9)) if gpu < 1 else 1
+    groups = bundles(specs, limit)
+    largest = max((len(g) for g in groups), default=1)
+    if gpu and largest > 1:
+        resources = {**resources, "GPU": min(1.0, gpu * largest)}
+    return groups, resources
 
 
 # --- resources against the cluster ---------------------------------------------------------
@@ -162,13 +181,21 @@ def _default_trial_fn() -> TrialFn:
     return run_trial
 
 
-def run_one(config: dict[str, Any], trial_fn: TrialFn | None = None) -> None:
-    """One Tune trial: run the spec, report each epoch (with its restart checkpoint) and
-    finally the record, which is the trial's failure record if it raised."""
+def _default_bundle_fn() -> BundleFn:
+    from slimsweep.workers.run import run_bundle
+
+    return run_bundle
+
+
+def run_one(
+    config: dict[str, Any], trial_fn: TrialFn | None = None, bundle_fn: BundleFn | None = None
+) -> None:
+    """One Tune trial: one slimsweep trial, or a bundle of them trained fused. Reports each
+    epoch (a single trial with its restart checkpoint) and each trial's final record as soon
+    as it has one: its result, or its failure record if it raised."""
     from ray import tune
 
-    spec = TrialSpec.from_json(config["spec"])
-    fn = trial_fn or _default_trial_fn()
+    specs = [TrialSpec.from_json(text) for text in config["specs"]]
     checkpoints = True  # off after the first checkpoint the storage cannot take
 
     def on_epoch(row: EpochRow, checkpoint_dir: str | None) -> None:
@@ -180,23 +207,46 @@ def run_one(config: dict[str, Any], trial_fn: TrialFn | None = None) -> None:
                 return
             except RuntimeError as e:  # storage not shared with this node: go on without
                 checkpoints = False
-                print(f"slimsweep: trial {spec.trial_id}: checkpoints off: {e}", file=sys.stderr)
+                print(f"slimsweep: trial {row.trial_id}: checkpoints off: {e}", file=sys.stderr)
         tune.report(metrics)
 
     started = datetime.now(UTC).isoformat()
     t0 = time.monotonic()
+    reported: set[int] = set()
+
+    def report(i: int, outcome: tuple[TrialResult, list[EpochRow]] | BaseException) -> None:
+        if isinstance(outcome, BaseException):
+            failed = failure_result(
+                specs[i], outcome, started_at=started, wall_s=time.monotonic() - t0
+            )
+            if len(specs) > 1:
+                failed = dataclasses.replace(
+                    failed, bundle_id=bundle_id(specs), bundle_size=len(specs)
+                )
+            outcome = (failed, [])
+        reported.add(i)
+        tune.report({RECORD_KEY: encode_record(*outcome)})
+
+    if len(specs) > 1:
+        try:
+            (bundle_fn or _default_bundle_fn())(specs, on_epoch=on_epoch, on_done=report)
+        except Exception as e:  # the whole bundle failed: each trial not yet recorded with it
+            for i in range(len(specs)):
+                if i not in reported:
+                    report(i, e)
+        return
     restored = tune.get_checkpoint()
     resume_dir = restored.to_directory() if restored else None
     try:
-        result, epochs = fn(spec, on_epoch=on_epoch, resume_from=resume_dir)
-        record = encode_record(result, epochs)
+        outcome = (trial_fn or _default_trial_fn())(
+            specs[0], on_epoch=on_epoch, resume_from=resume_dir
+        )
     except Exception as e:  # recorded as the trial's result; deterministic, so not retried
-        failed = failure_result(spec, e, started_at=started, wall_s=time.monotonic() - t0)
-        record = encode_record(failed, [])
+        outcome = e
     finally:
         if resume_dir:
             shutil.rmtree(resume_dir, ignore_errors=True)
-    tune.report({RECORD_KEY: record})
+    report(0, outcome)
 
 
 # --- progress ------------------------------------------------------------------------------
@@ -277,7 +327,9 @@ def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> A
             self._show()
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            tally.start(trial.trial_id)
+            for spec in _specs(trial):
+                if spec.trial_id not in self.recorded:
+                    tally.start(spec.trial_id)
             self.started.setdefault(trial.trial_id, time.monotonic())
 
         def on_trial_result(
@@ -294,30 +346,37 @@ def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> A
                 echo(f"trial {record.trial_id} failed: {error}")
             # A trial retried after its record arrived (its node went right after) reports
             # again: the store file is replaced, the counts must not grow.
-            if trial.trial_id not in self.recorded:
-                self.recorded.add(trial.trial_id)
+            if record.trial_id not in self.recorded:
+                self.recorded.add(record.trial_id)
                 tally.ok += record.status == "ok"
                 tally.failed += record.status != "ok"
                 start = self.started.get(trial.trial_id, time.monotonic())
                 tally.durations.append(time.monotonic() - start)
-            tally.running.discard(trial.trial_id)
+            tally.running.discard(record.trial_id)
 
         def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             tally.retries += 1
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            """Out of retries (process or node lost max_failures + 1 times)."""
-            tally.running.discard(trial.trial_id)
-            if trial.trial_id in self.recorded:
-                return
-            spec = TrialSpec.from_json(trial.config["spec"])
+            """Out of retries (process or node lost max_failures + 1 times): every trial of
+            it without a record fails with Ray's error."""
             error = _trial_error(trial)
-            store.write_failure(failure_result(spec, error))
-            tally.failed += 1
             first = f"{type(error).__name__}: {error}".splitlines()[0]
-            echo(f"trial {spec.trial_id} failed: {first}")
+            for spec in _specs(trial):
+                tally.running.discard(spec.trial_id)
+                if spec.trial_id in self.recorded:
+                    continue
+                self.recorded.add(spec.trial_id)
+                store.write_failure(failure_result(spec, error))
+                tally.failed += 1
+                echo(f"trial {spec.trial_id} failed: {first}")
 
     return Recorder()
+
+
+def _specs(trial: Any) -> list[TrialSpec]:
+    """The slimsweep trials a Tune trial runs (one, or a fused bundle)."""
+    return [TrialSpec.from_json(text) for text in trial.config["specs"]]
 
 
 def _trial_error(trial: Any) -> BaseException:
@@ -395,9 +454,11 @@ def launch(
     *,
     echo: Callable[[str], None] = print_line,
     trial_fn: TrialFn | None = None,
+    bundle_fn: BundleFn | None = None,
 ) -> LaunchSummary:
     """Run the grid's missing trials on Ray Tune; results land in `results_root` (the grid's
-    own folder or URI). `trial_fn` replaces `workers.run.run_trial` (same signature)."""
+    own folder or URI). `trial_fn` replaces `workers.run.run_trial`, `bundle_fn`
+    `workers.run.run_bundle` (same signatures)."""
     store = Store(results_root)
     to_run, skipped, done = plan_launch(grid, store, resume)
     ids = {s.trial_id for s in expand(grid)}
@@ -431,7 +492,7 @@ def launch(
     if not to_run:
         echo("nothing to run")
         return summary
-    tally = _run_tune(grid, store, to_run, address, max_concurrent, echo, trial_fn)
+    tally = _run_tune(grid, store, to_run, address, max_concurrent, echo, trial_fn, bundle_fn)
     return dataclasses.replace(summary, ok=tally.ok, failed=tally.failed, retries=tally.retries)
 
 
@@ -503,12 +564,21 @@ def _run_tune(
     max_concurrent: int | None,
     echo: Callable[[str], None],
     trial_fn: TrialFn | None,
+    bundle_fn: BundleFn | None,
 ) -> Tally:
     ray, started = _connect(address)
     try:
         cluster = _probe_cluster(ray)
         resources = trial_resources(grid, specs, cluster, lambda m: echo(f"warning: {m}"))
-        echo(f"{len(cluster.nodes)} Ray nodes; each trial gets {_fmt(resources)}")
+        groups, resources = plan_bundles(grid, specs, resources)
+        if len(groups) < len(specs):
+            echo(
+                f"{len(cluster.nodes)} Ray nodes; {len(specs)} trials fused into "
+                f"{len(groups)} bundles of up to {max(map(len, groups))} seeds "
+                f"(runtime.fuse: {grid.runtime.fuse}); each bundle gets {_fmt(resources)}"
+            )
+        else:
+            echo(f"{len(cluster.nodes)} Ray nodes; each trial gets {_fmt(resources)}")
         # Our progress line replaces Tune's tables and its checkpoint-frequency warnings.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -517,10 +587,11 @@ def _run_tune(
         tally = Tally(total=len(specs))
         name = f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         storage = _tune_storage(store)
-        trainable = tune.with_resources(tune.with_parameters(run_one, trial_fn=trial_fn), resources)
+        run = tune.with_parameters(run_one, trial_fn=trial_fn, bundle_fn=bundle_fn)
+        trainable = tune.with_resources(run, resources)
         tuner = tune.Tuner(
             trainable,
-            param_space={"spec": tune.grid_search([s.to_json() for s in specs])},
+            param_space={"specs": tune.grid_search([[s.to_json() for s in g] for g in groups])},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=max_concurrent,
                 # A trial process imports torch and transformers (seconds on CPU): keep it for
@@ -557,7 +628,8 @@ def _run_tune(
 
 
 def _trial_name(trial: Any) -> str:
-    return TrialSpec.from_json(trial.config["spec"]).trial_id
+    specs = _specs(trial)
+    return specs[0].trial_id if len(specs) == 1 else f"bundle-{bundle_id(specs)}"
 
 
 def _fmt(resources: dict[str, float]) -> str:

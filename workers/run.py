@@ -7,26 +7,37 @@ result store.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import platform
 import resource
 import sys
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import torch
-from slimsweep.workers.data import prepare
-from slimsweep.workers.families import load_model
-from slimsweep.workers.spec import EpochRow, SpecError, TrialResult, TrialSpec
+from slimsweep.workers.data import Prepared, prepare
+from slimsweep.workers.families import LoadedModel, load_model
+from slimsweep.workers.spec import (
+    EpochRow,
+    SpecError,
+    TrialResult,
+    TrialSpec,
+    bundle_id,
+    bundle_key,
+)
 from slimsweep.workers.train import (
     OnEpoch,
+    TrainOutcome,
     accuracy,
     majority_accuracy,
     per_class_accuracy,
     resolve_device,
     seed_everything,
     train,
+    train_bundle,
 )
 
 VERSIONED = ("torch", "transformers", "datasets", "slimsweep")
@@ -61,29 +72,117 @@ def run_trial(
     for `on_epoch` (per-epoch rows and restart checkpoints) and `resume_from`."""
     started = datetime.now(UTC).isoformat()
     t0 = time.monotonic()
-    device = resolve_device(spec.runtime.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError(
-            f"trial {spec.trial_id}: runtime.device is cuda but this machine has no usable GPU; "
-            f"set runtime.device: auto or cpu"
-        )
-    seed_everything(spec.seed, device)
-    loaded = load_model(spec)
-    data = prepare(spec, loaded.tokenizer, loaded.context_length)
-    model = loaded.model.to(device)
+    device = _device(spec)
+    loaded, data = _load(spec, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     out = train(
         spec,
-        model,
+        loaded.model,
         data,
         pad_id=loaded.tokenizer.pad_token_id,
         device=device,
         on_epoch=on_epoch,
         resume_from=resume_from,
     )
+    return _result(spec, loaded, data, out, device, started, t0), list(out.rows)
+
+
+BundleOutcome = tuple[TrialResult, list[EpochRow]] | BaseException
+
+
+def run_bundle(
+    specs: Sequence[TrialSpec],
+    *,
+    on_epoch: OnEpoch | None = None,
+    on_done: Callable[[int, BundleOutcome], None] | None = None,
+) -> list[BundleOutcome]:
+    """Trials that differ only in seed (`spec.bundle_key`), trained together
+    (`train.train_bundle`); each gets the record `run_trial` would give it, plus the bundle it
+    trained in. `on_done(i, outcome)` gets trial i's record, or the error that failed it
+    alone, as soon as the bundle is done with it. Bundles write no restart checkpoints."""
+    keys = {bundle_key(s) for s in specs}
+    if len(keys) != 1 or None in keys:
+        raise SpecError(
+            f"trials {', '.join(s.trial_id for s in specs)} cannot train fused: they must "
+            f"differ only in seed, fine-tune fully, and leave runtime.compile off and "
+            f"runtime.last_position_logits on"
+        )
+    started = datetime.now(UTC).isoformat()
+    t0 = time.monotonic()
+    device = _device(specs[0])
+    loads, datas, generators = [], [], []
+    for spec in specs:
+        loaded, data = _load(spec, device)
+        loads.append(loaded)
+        datas.append(data)
+        generators.append(_global_generator(device))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bundle = {"bundle_id": bundle_id(specs), "bundle_size": len(specs)}
+    outcomes: list[BundleOutcome | None] = [None] * len(specs)
+
+    def done(i: int, out: TrainOutcome | BaseException) -> None:
+        if isinstance(out, BaseException):
+            outcomes[i] = out
+        else:
+            result = _result(specs[i], loads[i], datas[i], out, device, started, t0)
+            outcomes[i] = (dataclasses.replace(result, **bundle), list(out.rows))
+        if on_done is not None:
+            on_done(i, outcomes[i])
+
+    train_bundle(
+        specs,
+        [loaded.model for loaded in loads],
+        datas,
+        pad_id=loads[0].tokenizer.pad_token_id,
+        device=device,
+        generators=generators,
+        on_epoch=on_epoch,
+        on_done=done,
+    )
+    return [o for o in outcomes if o is not None]
+
+
+def _global_generator(device: torch.device) -> torch.Generator:
+    """A generator in the state torch's global one (of `device`) has now: where a separate
+    run of the trial just loaded would start drawing its dropout masks."""
+    gen = torch.Generator(device)
+    state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+    gen.set_state(state)
+    return gen
+
+
+def _device(spec: TrialSpec) -> torch.device:
+    device = resolve_device(spec.runtime.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(
+            f"trial {spec.trial_id}: runtime.device is cuda but this machine has no usable GPU; "
+            f"set runtime.device: auto or cpu"
+        )
+    return device
+
+
+def _load(spec: TrialSpec, device: torch.device) -> tuple[LoadedModel, Prepared]:
+    """Seed, load the truncated model onto `device`, prepare the data."""
+    seed_everything(spec.seed, device)
+    loaded = load_model(spec)
+    data = prepare(spec, loaded.tokenizer, loaded.context_length)
+    loaded.model = loaded.model.to(device)
+    return loaded, data
+
+
+def _result(
+    spec: TrialSpec,
+    loaded: LoadedModel,
+    data: Prepared,
+    out: TrainOutcome,
+    device: torch.device,
+    started: str,
+    t0: float,
+) -> TrialResult:
     labels = [e.label for e in data.test]
-    result = TrialResult(
+    return TrialResult(
         trial_id=spec.trial_id,
         status="ok",
         spec_json=spec.to_json(),
@@ -107,4 +206,3 @@ def run_trial(
         started_at=started,
         finished_at=datetime.now(UTC).isoformat(),
     )
-    return result, list(out.rows)

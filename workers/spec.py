@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +104,9 @@ class RuntimeSpec:
     # is ~19 GB to write); 0: every `checkpoint_every` epochs
     checkpoint_min_s: float = 300.0
     cache_dir: str | None = None  # de-quantised / downloaded models, shared by trials
+    # Train a cell's seeds together (workers.fused): auto (on GPU, as many as fit; off on
+    # CPU) | off | N (at most N seeds per bundle, on any device)
+    fuse: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,39 @@ class TrialResult:
     @property
     def spec(self) -> TrialSpec:
         return TrialSpec.from_json(self.spec_json)
+
+
+def fuse_limit(fuse: str, on_gpu: bool) -> int | None:
+    """The most trials one bundle may hold under `runtime.fuse`: 1 (no fusion) for off and
+    for auto on CPU (fusing buys nothing there: CPU kernels are busy at batch 1), N for "N",
+    None for auto on GPU (as many as its memory holds). SpecError for any other value."""
+    if fuse == "off" or (fuse == "auto" and not on_gpu):
+        return 1
+    if fuse == "auto":
+        return None
+    if not fuse.isdigit() or int(fuse) < 1:
+        raise SpecError(
+            f"runtime.fuse: {fuse!r} is not auto, off or a number of trials; "
+            f"write e.g. fuse: auto, fuse: off or fuse: 5"
+        )
+    return int(fuse)
+
+
+def bundle_key(spec: TrialSpec) -> str | None:
+    """What trials must share to train fused (`workers.run.run_bundle`): everything but the
+    seed. None for a trial that trains alone: fused training batches full fine-tuning of the
+    stock HF forward, gathered at the last position, uncompiled."""
+    rt = spec.runtime
+    if spec.finetune.mode != "full" or rt.compile or not rt.last_position_logits:
+        return None
+    identity = spec.identity()
+    del identity["seed"]
+    return json.dumps(identity, sort_keys=True)
+
+
+def bundle_id(specs: Sequence[TrialSpec]) -> str:
+    """A bundle's name: a hash of its trial ids (the same trials, the same bundle)."""
+    return hashlib.sha256(",".join(sorted(s.trial_id for s in specs)).encode()).hexdigest()[:16]
 
 
 class SpecError(ValueError):

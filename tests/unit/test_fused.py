@@ -4,12 +4,13 @@ loop must keep them when it learns to fuse); then fused bundles against separate
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-from slimsweep.workers.run import run_trial
+from slimsweep.workers.run import bundle_id, run_bundle, run_trial
 from slimsweep.workers.spec import DataSpec, ModelSpec, RuntimeSpec, TaskSpec, TrainSpec, TrialSpec
 
 HEADS = ("prompt-lm", "prompt-cls", "vanilla-cls")
@@ -154,3 +155,31 @@ def test_single_trial_matches_pinned_numbers(dropout_models, local_tasks, family
     assert [(e, a) for e, _, a in rows] == [(e, a) for e, _, a in want_rows]
     assert [loss for _, loss, _ in rows] == pytest.approx([w for _, w, _ in want_rows], rel=REL)
     assert (best, val, test) == (want_best, want_val, want_test)
+
+
+SEEDS = (1, 2, 3, 4, 5)
+
+
+def bundle_spec(folder: Path, task: TaskSpec, head: str, seed: int) -> TrialSpec:
+    # Patience 1 over 3 epochs: some trials stop after epoch 2 while the others go on.
+    spec = make_spec(folder, task, head, seed)
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, patience=1))
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_bundle_equals_separate_runs(dropout_models, local_tasks, family, head) -> None:
+    specs = [bundle_spec(dropout_models[family], local_tasks["sst2"], head, s) for s in SEEDS]
+    alone = [run_trial(s) for s in specs]
+    fused = run_bundle(specs)
+
+    assert [r.trial_id for r, _ in fused] == [s.trial_id for s in specs]
+    for (a_res, a_rows), (f_res, f_rows) in zip(alone, fused, strict=True):
+        a_nums, f_nums = numbers(a_res, a_rows), numbers(f_res, f_rows)
+        assert [(e, acc) for e, _, acc in f_nums[0]] == [(e, acc) for e, _, acc in a_nums[0]]
+        assert [loss for _, loss, _ in f_nums[0]] == pytest.approx(
+            [loss for _, loss, _ in a_nums[0]], rel=1e-4
+        )
+        assert f_nums[1:] == a_nums[1:]  # best epoch, its val acc, test acc
+        assert (f_res.bundle_size, a_res.bundle_size, a_res.bundle_id) == (5, 1, "")
+        assert f_res.bundle_id == bundle_id(specs)

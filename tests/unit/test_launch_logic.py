@@ -21,6 +21,7 @@ from slimsweep.orchestrator.launch import (
     encode_record,
     gpu_fraction,
     launch,
+    plan_bundles,
     plan_launch,
     status,
     trial_resources,
@@ -267,3 +268,43 @@ def test_an_address_launch_cannot_use_is_one_line_naming_the_fix(grid, capsys, a
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1
     assert "ray job submit" in err or "HOST:PORT" in err
+
+
+def with_fuse(grid: Grid, fuse: str) -> Grid:
+    return dataclasses.replace(grid, runtime=dataclasses.replace(grid.runtime, fuse=fuse))
+
+
+def test_bundles_hold_seeds_of_one_cell_in_grid_order(grid):
+    specs = expand(with_fuse(grid, "2"))  # layers [1, 2] x seeds [0, 1, 2]
+    groups, res = plan_bundles(with_fuse(grid, "2"), specs, {"CPU": 1.0})
+    assert [[(s.layers, s.seed) for s in g] for g in groups] == [
+        [(1, 0), (1, 1)],
+        [(1, 2)],
+        [(2, 0), (2, 1)],
+        [(2, 2)],
+    ]
+    assert res == {"CPU": 1.0}
+
+
+def test_fuse_auto_bundles_on_gpu_only_and_asks_for_the_bundles_share(grid):
+    specs = expand(grid)
+    cpu_groups, _ = plan_bundles(grid, specs, {"CPU": 1.0})
+    assert [len(g) for g in cpu_groups] == [1] * 6
+    gpu_groups, res = plan_bundles(grid, specs, {"CPU": 1.0, "GPU": 0.25})  # 4 fit in a GPU
+    assert [len(g) for g in gpu_groups] == [3, 3] and res == {"CPU": 1.0, "GPU": 0.75}
+    off, _ = plan_bundles(with_fuse(grid, "off"), specs, {"CPU": 1.0, "GPU": 0.25})
+    assert [len(g) for g in off] == [1] * 6
+
+
+@pytest.mark.parametrize(("value", "expected"), [("off", "off"), ("3", "3"), ("auto", "auto")])
+def test_runtime_fuse_reads_off_and_numbers(tmp_path, value, expected):
+    path = write_grid(tmp_path)
+    path.write_text(path.read_text() + f"runtime: {{fuse: {value}}}\n")
+    assert load_grid(path).runtime.fuse == expected
+
+
+def test_runtime_fuse_refuses_other_values(tmp_path):
+    path = write_grid(tmp_path)
+    path.write_text(path.read_text() + "runtime: {fuse: sometimes}\n")
+    with pytest.raises(GridError, match=r"runtime.fuse: 'sometimes' is not auto, off or a number"):
+        load_grid(path)
