@@ -124,6 +124,9 @@ def _dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bo
     if not training or p == 0.0:
         return _ORIGINAL_DROPOUT(x, p, training, inplace)
     lay = _layout()
+    if x.dim() == 2 and x.shape[0] == lay.n * lay.rows * lay.width:
+        # OPT flattens [rows, T, H] to [rows * T, H] around its MLP: same elements, same order
+        return _dropout(x.reshape(lay.n * lay.rows, lay.width, -1), p).reshape(x.shape)
     dims = _SEQ_DIMS.get(x.dim())
     if dims is None or x.shape[0] != lay.n * lay.rows or any(x.shape[d] != lay.width for d in dims):
         raise FuseError(

@@ -113,7 +113,8 @@ def run_bundle(
     device = _device(specs[0])
     loads, datas, generators = [], [], []
     for spec in specs:
-        loaded, data = _load(spec, device)
+        # On the CPU: the stack is built there and moved, so the device never holds 2N copies.
+        loaded, data = _load(spec, device, torch.device("cpu"))
         loads.append(loaded)
         datas.append(data)
         generators.append(_global_generator(device))
@@ -163,12 +164,15 @@ def _device(spec: TrialSpec) -> torch.device:
     return device
 
 
-def _load(spec: TrialSpec, device: torch.device) -> tuple[LoadedModel, Prepared]:
-    """Seed, load the truncated model onto `device`, prepare the data."""
+def _load(
+    spec: TrialSpec, device: torch.device, load_on: torch.device | None = None
+) -> tuple[LoadedModel, Prepared]:
+    """Seed for `device`, load the truncated model onto `load_on` (default `device`), prepare
+    the data."""
     seed_everything(spec.seed, device)
     loaded = load_model(spec)
     data = prepare(spec, loaded.tokenizer, loaded.context_length)
-    loaded.model = loaded.model.to(device)
+    loaded.model = loaded.model.to(load_on or device)
     return loaded, data
 
 

@@ -345,7 +345,7 @@ class _Trial:
         return self.state.epoch >= cfg.epochs or should_stop(self.state.val_history, cfg.patience)
 
 
-class _Single:
+class SingleRunner:
     """One trial: its own model, as the worker always ran it (global dropout generator)."""
 
     def __init__(self, spec: TrialSpec, model: nn.Module, label_ids: torch.Tensor, pad_id: int):
@@ -366,7 +366,7 @@ class _Single:
         pass
 
 
-class _Fused:
+class FusedRunner:
     """N trials as one `Stack`: one forward/backward and one AdamW step for all."""
 
     def __init__(
@@ -379,6 +379,9 @@ class _Fused:
     ):
         self.spec, self.label_ids, self.pad_id = spec, label_ids, pad_id
         self.stack = Stack(models)
+        device = label_ids.device
+        self.stack.module.to(device)  # the stacked parameters move in place
+        self.stack.view.to(device)
         self.generators = list(generators)
         self.optimizer = torch.optim.AdamW(
             self.stack.params,
@@ -456,12 +459,12 @@ def train_bundle(
     if n == 1:
         if runtime.compile:
             compile_layers(models[0])
-        runner: _Single | _Fused = _Single(spec, models[0], label_ids, pad_id)
+        runner: SingleRunner | FusedRunner = SingleRunner(spec, models[0], label_ids, pad_id)
     else:
         steps_of = {len(d.train) for d in datas}
         if len(steps_of) > 1 or len({tuple(d.label_ids) for d in datas}) > 1:
             raise FuseError("a bundle's trials must have equal train sizes and label words")
-        runner = _Fused(spec, models, label_ids, pad_id, generators)
+        runner = FusedRunner(spec, models, label_ids, pad_id, generators)
     trials = []
     for s, d, m in zip(specs, datas, models, strict=True):
         longest = max(len(e.input_ids) for part in (d.valid, d.test) for e in part)
