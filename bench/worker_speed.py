@@ -13,7 +13,7 @@ for three variants: `naive` (fp32, full-sequence logits, foreach AdamW, batch-1 
 without prefix cache), `fast` (the RuntimeSpec defaults, fp32) and `fast-bf16` (the same with
 bf16 autocast over fp32 master weights); and the training step of a fused bundle
 (`workers.train.FusedRunner`: N seeds of the cell as one stacked model, N the grid's seeds
-capped at what the memory estimate fits), whose cost per trial is the bundle step / N. Per
+capped at what the memory estimate fits) against N separate fast steps, round by round. Per
 shape it also runs one short real trial (`workers.train.train`, one epoch, with the grid's
 restart checkpoints) to measure what the per-step costs miss (checkpoint writes, best-weight
 copies), and measures GPU packing: K processes (K from the orchestrator's memory estimate,
@@ -438,34 +438,42 @@ def measure_trial(
 def measure_fused(
     spec: TrialSpec, shape: Shape, data: Splits, n: int, pad_id: int, st: Settings
 ) -> dict[str, Any]:
-    """Median step of one fused bundle of `n` trials of `spec`'s shape (`FusedRunner`: the
-    stacked model, one forward/backward and one AdamW step for all n), and its cost per
-    trial."""
+    """One fused bundle of `n` trials of `spec`'s shape (`FusedRunner`: the stacked model, one
+    forward/backward and one AdamW step for all n) against the same n trials stepping one
+    after the other, round by round (one bundle step, then the n separate steps), so both see
+    the same machine load; the speedup is the median of the rounds' ratios."""
     device = torch.device(st.device)
-    classes = st.classes
-    models = [build_model(shape, spec.head, classes, device) for _ in range(n)]
+    models = [build_model(shape, spec.head, st.classes, device) for _ in range(n)]
     label_ids = torch.tensor(data.label_ids, dtype=torch.long, device=device)
     generators = [torch.Generator(device).manual_seed(i) for i in range(n)]
     runner = FusedRunner(spec, models, label_ids, pad_id, generators)
     runner.train_mode()
+    alone = [step_loop(spec, m, data, pad_id, device) for m in models]
     bs = spec.train.batch_size
 
-    def step(i: int) -> torch.Tensor:
+    def fused_step(i: int) -> torch.Tensor:
         batches = []
         for t in range(n):  # each trial its own examples, as in a bundle
             start = (i * bs + t) % len(data.train)
             batches.append(list(data.train[start : start + bs]))
         return runner.step(batches, device)
 
-    step_times(device, st.warmup, step)
-    step_s = statistics.median(step_times(device, st.steps, step))
+    rounds = []
+    for i in range(st.warmup + st.steps):
+        bundle_s = step_times(device, 1, lambda _, i=i: fused_step(i))[0]
+        alone_s = sum(step_times(device, 1, lambda _, i=i, f=f: f(i))[0] for f in alone)
+        if i >= st.warmup:
+            rounds.append((bundle_s, alone_s))
+    bundle_s = statistics.median(b for b, _ in rounds)
     return {
         "model": shape.model,
         "layers": shape.layers,
         "head": spec.head,
         "n": n,
-        "bundle_step_ms": step_s * 1e3,
-        "per_trial_step_ms": step_s * 1e3 / n,
+        "bundle_step_ms": bundle_s * 1e3,
+        "alone_steps_ms": statistics.median(a for _, a in rounds) * 1e3,
+        "per_trial_step_ms": bundle_s * 1e3 / n,
+        "speedup": statistics.median(a / b for b, a in rounds),
     }
 
 
@@ -755,8 +763,8 @@ def report(result: dict[str, Any]) -> str:
         ("head", "head"),
         ("N", "n"),
         ("bundle step ms", "bundle_step_ms"),
-        ("step ms per trial", "per_trial_step_ms"),
-        ("vs fast", "ratio_vs_fast"),
+        ("N separate steps ms", "alone_steps_ms"),
+        ("speedup", "speedup"),
     )
     grid = columns(
         result["extrapolation"],
@@ -856,11 +864,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     # As `launch` bundles: a cell's seeds, as many as fit in the device.
                     n = min(args.max_fuse or seeds_per_cell, fits[shape.key])
                     spec = variant_spec(base, VARIANTS[FUSE_VARIANT], device)
-                    row = measure_fused(spec, shape, data, n, vocab - 1, st)
-                    row["ratio_vs_fast"] = (
-                        measured[FUSE_VARIANT]["step_ms"] / row["per_trial_step_ms"]
-                    )
-                    fusing.append(row)
+                    fusing.append(measure_fused(spec, shape, data, n, vocab - 1, st))
                     print(json.dumps(fusing[-1]), flush=True)
                 if head == heads[0] and not args.no_trial:
                     spec = variant_spec(base, VARIANTS["fast"], device)
@@ -905,7 +909,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     overheads = {(t["model"], t["layers"]): t["epoch_overhead_s"] for t in trials}
     checkpoints = {(t["model"], t["layers"]): t["checkpoint_s"] for t in trials}
     ratios = {(p["model"], p["layers"]): p["ratio"] for p in packing if p["ratio"]}
-    fused = {(f["model"], f["layers"], f["head"]): f["per_trial_step_ms"] / 1e3 for f in fusing}
+    # A fused trial's step: the fast step over the bundle's speedup, both measured here.
+    fused = {
+        (f["model"], f["layers"], f["head"]): costs[
+            (f["model"], f["layers"], f["head"], FUSE_VARIANT)
+        ].step_s
+        / f["speedup"]
+        for f in fusing
+    }
     return {
         "meta": {
             "date": datetime.now(UTC).strftime("%Y-%m-%d"),

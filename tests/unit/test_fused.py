@@ -10,8 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from slimsweep.workers.run import bundle_id, run_bundle, run_trial
 from slimsweep.workers.spec import DataSpec, ModelSpec, RuntimeSpec, TaskSpec, TrainSpec, TrialSpec
+from slimsweep.workers.train import NonFiniteLoss
 
 HEADS = ("prompt-lm", "prompt-cls", "vanilla-cls")
 FAMILIES = ("gpt2", "opt", "llama")
@@ -183,3 +185,34 @@ def test_fused_bundle_equals_separate_runs(dropout_models, local_tasks, family, 
         assert f_nums[1:] == a_nums[1:]  # best epoch, its val acc, test acc
         assert (f_res.bundle_size, a_res.bundle_size, a_res.bundle_id) == (5, 1, "")
         assert f_res.bundle_id == bundle_id(specs)
+
+
+def test_a_nan_fails_its_own_trial_and_the_bundle_goes_on(
+    dropout_models, local_tasks, monkeypatch
+) -> None:
+    from slimsweep.workers import run as run_mod
+
+    specs = [
+        bundle_spec(dropout_models["gpt2"], local_tasks["sst2"], "prompt-lm", s) for s in SEEDS[:3]
+    ]
+    alone = [numbers(*run_trial(s)) for s in (specs[0], specs[2])]
+    load = run_mod.load_model
+
+    def poisoned(spec):
+        loaded = load(spec)
+        if spec.seed == specs[1].seed:
+            with torch.no_grad():
+                loaded.model.transformer.ln_f.weight.fill_(float("nan"))
+        return loaded
+
+    monkeypatch.setattr(run_mod, "load_model", poisoned)
+    done: list[int] = []
+    out = run_bundle(specs, on_done=lambda i, _: done.append(i))
+
+    assert isinstance(out[1], NonFiniteLoss) and "training loss is nan at epoch 1" in str(out[1])
+    assert done[0] == 1  # failed after its first epoch, before the others finished
+    for got, want in zip((out[0], out[2]), alone, strict=True):
+        rows, *rest = numbers(*got)
+        assert [(e, a) for e, _, a in rows] == [(e, a) for e, _, a in want[0]]
+        assert [loss for _, loss, _ in rows] == pytest.approx([w for _, w, _ in want[0]], rel=1e-4)
+        assert rest == list(want[1:])
