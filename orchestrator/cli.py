@@ -14,7 +14,13 @@ from collections import Counter
 from pathlib import Path
 
 from slimsweep.orchestrator.grid import Grid, GridError, load_grid
-from slimsweep.orchestrator.plan import expand
+from slimsweep.orchestrator.plan import (
+    describe_data,
+    describe_train,
+    expand,
+    train_rows,
+    unpinned,
+)
 from slimsweep.workers.spec import SpecError, TrialSpec
 
 DEFAULT_RESULTS = "results"
@@ -25,9 +31,29 @@ def results_root(args: argparse.Namespace, grid: Grid | None = None) -> str:
     return args.results or (grid.results if grid else None) or DEFAULT_RESULTS
 
 
+def paper_protocol(specs: list[TrialSpec]) -> str:
+    """Which of the paper's protocols the trials follow, for `plan`."""
+    from slimsweep.orchestrator.paper import protocol_of
+
+    found = {protocol_of(s) for s in specs}
+    names = sorted({name for name, _ in found if name})
+    if len(found) == 1 and names:
+        return f"the paper's ({names[0]}): --compare paper compares these trials"
+    reasons = sorted({why for _, why in found if why})
+    return reasons[0] if reasons else "not the paper's: its trials follow different protocols"
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)
     specs = expand(grid)
+    loose = unpinned(grid)
+    if loose:
+        print(
+            f"slimsweep: warning: no revision pinned for {', '.join(loose)}: a hub update "
+            f"changes their trials under the same ids (rows record model_commit and "
+            f"dataset_fingerprint); pin with `revision:`",
+            file=sys.stderr,
+        )
     if args.format == "table":
         print(f"grid '{grid.name}' ({grid.path}): {len(specs)} trials")
         for m in grid.models:
@@ -38,6 +64,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"  seeds  {', '.join(map(str, grid.seeds))}")
         per_model = Counter(s.model.name for s in specs)
         print("  trials per model: " + ", ".join(f"{k} {v}" for k, v in per_model.items()))
+        print(f"  data      {describe_data(grid.data)}")
+        print(f"  training  {describe_train(grid.train)}")
+        sizes = ", ".join(f"{t.name} {train_rows(t, grid.data)}" for t in grid.tasks)
+        print(f"  training rows per trial: {sizes}")
+        print(f"  protocol  {paper_protocol(specs)}")
         return 0
     rows = [s.axes() for s in specs]
     if args.format == "json":

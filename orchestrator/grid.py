@@ -2,7 +2,8 @@
 names the file, the key path and the fix, before any trial is planned.
 
 The defaults of every section live in the worker's spec dataclasses (`DataSpec`,
-`TrainSpec`, `RuntimeSpec`) and equal the paper's protocol; a grid only states what it changes.
+`TrainSpec`, `RuntimeSpec`) and equal the paper's text protocol (grids/paper.yaml states the
+authors' code's); a grid only states what it changes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import yaml
 from slimsweep.orchestrator.models import model_depth
+from slimsweep.workers.data import file_sha256
 from slimsweep.workers.spec import (
     HEADS,
     LABEL_WORD_RULES,
@@ -23,12 +25,14 @@ from slimsweep.workers.spec import (
     OVERFLOW_RULES,
     PKG_PREFIX,
     PRECISIONS,
+    SAMPLERS,
     DataSpec,
     ModelSpec,
     RuntimeSpec,
     SpecError,
     TaskSpec,
     TrainSpec,
+    check_sampler,
     fuse_limit,
 )
 from slimsweep.workers.tasks import TASKS
@@ -90,6 +94,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lm_loss": LM_LOSSES,
     "label_word_rule": LABEL_WORD_RULES,
     "overflow": OVERFLOW_RULES,
+    "sampler": SAMPLERS,
     "optimizer": ("adamw",),
     "device": ("auto", "cpu", "cuda"),
 }
@@ -289,9 +294,22 @@ class _Loader:
                 "must contain {text} and end with {label}, e.g. "
                 "'Review: {text}\\nSentiment:{label}'",
             )
-        if fields["kind"] == "files" and not dict(fields["data_files"]).get("test"):
-            raise self.fail(f"{key}.files.test", "missing; give a test file")
+        if fields["kind"] == "files":
+            if not dict(fields["data_files"]).get("test"):
+                raise self.fail(f"{key}.files.test", "missing; give a test file")
+            fields["file_digests"] = tuple(
+                (split, self.file_digest(path, f"{key}.files.{split}"))
+                for split, path in fields["data_files"]
+            )
         return TaskSpec(**fields)
+
+    def file_digest(self, path: str, key: str) -> str:
+        """sha256 of a data file's bytes: part of the trial id, so that results computed from
+        other contents of the file are never taken for this grid's."""
+        try:
+            return file_sha256(path)
+        except OSError as e:
+            raise self.fail(key, f"cannot read {path} ({e.strerror}); fix the path") from None
 
 
 _EXAMPLES = {
@@ -380,6 +398,11 @@ def load_grid(path: str | Path) -> Grid:
     results = raw.get("results")
     if results is not None and not isinstance(results, str):
         raise ld.fail("results", "expected a folder or URI, e.g. results: s3://bucket/sweeps")
+    data = ld.section(raw, "data", DataSpec)
+    try:
+        check_sampler(data)
+    except SpecError as e:
+        raise GridError(f"{path}: {e}") from None
     return Grid(
         name=name,
         path=str(path),
@@ -387,7 +410,7 @@ def load_grid(path: str | Path) -> Grid:
         tasks=tasks,
         heads=tuple(heads),
         seeds=tuple(seeds),
-        data=ld.section(raw, "data", DataSpec),
+        data=data,
         train=ld.section(raw, "training", TrainSpec),
         runtime=ld.section(raw, "runtime", RuntimeSpec),
         resources=res,

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from slimsweep.orchestrator.grid import Grid
-from slimsweep.workers.spec import TrialSpec, bundle_key
+from slimsweep.workers.data import SYNTHETIC_POOLS
+from slimsweep.workers.spec import (
+    PKG_PREFIX,
+    DataSpec,
+    TaskSpec,
+    TrainSpec,
+    TrialSpec,
+    bundle_key,
+)
+from slimsweep.workers.tasks import HUB_COUNTS, PoolCounts
 
 
 def expand(grid: Grid) -> list[TrialSpec]:
@@ -34,6 +44,67 @@ def pending(specs: list[TrialSpec], done_ids: Iterable[str]) -> list[TrialSpec]:
     """The trials whose ids are not among the finished ones, in grid order."""
     done = set(done_ids)
     return [s for s in specs if s.trial_id not in done]
+
+
+def pool_counts(task: TaskSpec) -> PoolCounts | None:
+    """Class counts of a task's train pool and the size of its test pool, where known without
+    reading the data: the paper's hub datasets (`HUB_COUNTS`) and synthetic tasks."""
+    if task.kind == "synthetic":
+        n, k = SYNTHETIC_POOLS["train"][0], task.n_classes
+        return PoolCounts(tuple(len(range(c, n, k)) for c in range(k)), SYNTHETIC_POOLS["test"][0])
+    if task.kind == "hub":
+        return HUB_COUNTS.get((task.dataset, task.config))
+    return None
+
+
+def train_rows(task: TaskSpec, data: DataSpec) -> str:
+    """How many training rows a trial of `task` gets: exact ("800"), expected where it depends
+    on the seed ("~1077": the authors' draws take validation rows before a short class is
+    capped), or "?" where the class counts are unknown before the data is read."""
+    if not data.train_per_class:
+        return str(data.train_size)
+    counts = pool_counts(task)
+    if counts is None:
+        return f"{data.train_size}/class, capped (class counts unknown until read)"
+    demos = data.demos_per_class
+    if data.sampler != "authors":  # validation rows are drawn after the training rows
+        return str(sum(min(data.train_size, n - demos) for n in counts.train_per_class))
+    total = sum(counts.train_per_class)
+    valid = min(data.test_size, counts.test)
+    worst = [n - valid - demos for n in counts.train_per_class]
+    if all(w >= data.train_size for w in worst):
+        return str(data.train_size * task.n_classes)
+    left = [n * (total - valid) / total - demos for n in counts.train_per_class]
+    return f"~{round(sum(min(data.train_size, x) for x in left))}"
+
+
+def describe_data(d: DataSpec) -> str:
+    per = " per class (capped)" if d.train_per_class else ""
+    return (
+        f"sampler {d.sampler}, train {d.train_size}{per}, valid {d.valid_size}, "
+        f"test {d.test_size}, {d.demos_per_class} demo(s)/class, label words {d.label_word_rule}"
+    )
+
+
+def describe_train(t: TrainSpec) -> str:
+    return (
+        f"{t.optimizer} lr {t.lr:g} weight decay {t.weight_decay:g}, batch {t.batch_size}, "
+        f"≤{t.epochs} epochs, patience {t.patience}, {t.precision}, loss {t.lm_loss}"
+    )
+
+
+def unpinned(grid: Grid) -> list[str]:
+    """The grid's hub models and hub datasets without a revision: a hub update would change
+    their trials without changing the trial ids."""
+    models = [
+        m.spec.name
+        for m in grid.models
+        if not m.spec.revision
+        and not m.spec.source.startswith(PKG_PREFIX)
+        and not Path(m.spec.source).is_absolute()
+    ]
+    tasks = [t.name for t in grid.tasks if t.kind == "hub" and not t.revision]
+    return [f"model {n}" for n in models] + [f"dataset {n}" for n in tasks]
 
 
 def bundles(specs: list[TrialSpec], size: int) -> list[list[TrialSpec]]:

@@ -11,6 +11,7 @@ grid file). Figures are built on `matplotlib.figure.Figure` directly (Agg, no py
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import html
 import importlib.metadata
@@ -25,8 +26,9 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from slimsweep.orchestrator import paper
 from slimsweep.orchestrator.grid import Grid
-from slimsweep.orchestrator.plan import expand
+from slimsweep.orchestrator.plan import describe_data, describe_train, expand
 from slimsweep.orchestrator.results import (
     AVERAGE,
     METRICS,
@@ -41,7 +43,7 @@ from slimsweep.orchestrator.results import (
     planned,
     to_tables,
 )
-from slimsweep.workers.spec import HEADS
+from slimsweep.workers.spec import HEADS, TrialSpec
 
 # A head keeps its colour in every figure.
 HEAD_COLORS = {h: f"C{i}" for i, h in enumerate(HEADS)}
@@ -73,8 +75,9 @@ def _layer_axis(ax: object, layers: list[int]) -> None:
 
 def accuracy_figure(cells: pd.DataFrame, metric_label: str) -> Figure:
     """One subplot per model (rows) and task, the average last (columns); in each, one line
-    per head: the mean over seeds against layers kept, a band of ± one std. With the paper's
-    numbers (`cells.paper`), a dashed line per head beside it."""
+    per head: the mean over seeds against layers kept, a band of ± one std; a dotted grey line
+    at the majority-class accuracy (the chance level). With the paper's numbers
+    (`cells.paper`), a dashed line per head beside it."""
     models = list(dict.fromkeys(cells["model"]))
     tasks = list(dict.fromkeys(cells["task"]))
     heads = list(dict.fromkeys(cells["head"]))
@@ -107,6 +110,9 @@ def accuracy_figure(cells: pd.DataFrame, metric_label: str) -> Figure:
                         alpha=0.7,
                         label=f"{head} (paper)",
                     )
+            chance = sub["majority"].mean() if "majority" in sub else float("nan")
+            if pd.notna(chance):
+                ax.axhline(chance, color="0.5", linestyle=":", label="majority class")
             _layer_axis(ax, sorted(sub["layers"].unique()))
             ax.set_title(f"{model} · {task}", fontsize=10)
             if j == 0:
@@ -177,8 +183,9 @@ def device_kind(device: str) -> str:
 
 
 def costs(trials: pd.DataFrame, failures: pd.DataFrame) -> pd.DataFrame:
-    """Wall hours per model and depth: finished trials by device kind (a trial packed onto a
-    shared GPU counts its full wall time), and the hours of failed attempts."""
+    """Wall hours per model and depth (models as they appear, deepest first): finished trials by
+    device kind (a trial packed onto a shared GPU counts its full wall time), and the hours of
+    failed attempts."""
     ok = trials.assign(kind=trials["device"].map(device_kind), hours=trials["wall_s"] / 3600)
     bad = failures.assign(hours=failures["wall_s"] / 3600)
     keys = ["model", "layers"]
@@ -188,7 +195,12 @@ def costs(trials: pd.DataFrame, failures: pd.DataFrame) -> pd.DataFrame:
         table[f"{kind} hours"] = hours.reindex(table.index).fillna(0.0)
     table["failed"] = bad.groupby(keys).size().reindex(table.index).fillna(0).astype(int)
     table["failed hours"] = bad.groupby(keys)["hours"].sum().reindex(table.index).fillna(0.0)
+    # As the tables: models in order of appearance, deepest first.
+    models = list(dict.fromkeys(table.index.get_level_values("model")))
     table = table.reset_index()
+    table = table.sort_values(
+        ["model", "layers"], key=lambda c: c.map(models.index) if c.name == "model" else -c
+    )
     total = {"model": "total", "layers": "", **{c: table[c].sum() for c in table if c not in keys}}
     return pd.concat([table, pd.DataFrame([total])], ignore_index=True)
 
@@ -199,6 +211,23 @@ def failure_rows(failures: pd.DataFrame) -> list[list[str]]:
         [*(str(r[c]) for c in cols), str(r["error_message"]).splitlines()[0][:ERROR_CHARS]]
         for _, r in failures.sort_values(["model", "layers", "task", "head", "seed"]).iterrows()
     ]
+
+
+def protocol_rows(specs: Sequence[TrialSpec]) -> list[list[str]]:
+    """One row per distinct data and training settings among `specs`: the paper protocol they
+    follow (or what differs from the nearest), how many trials, and the settings."""
+    groups: dict[str, list[TrialSpec]] = {}
+    for s in specs:
+        key = json.dumps([dataclasses.asdict(s.data), dataclasses.asdict(s.train)], sort_keys=True)
+        groups.setdefault(key, []).append(s)
+    rows = []
+    for group in groups.values():
+        found = {paper.protocol_of(s) for s in group}
+        names = sorted({n for n, _ in found if n})
+        label = ", ".join(names) if len(found) == 1 and names else "not the paper's"
+        d, t = group[0].data, group[0].train
+        rows.append([label, str(len(group)), describe_data(d), describe_train(t)])
+    return rows
 
 
 def provenance(grid: Grid, results: str, trials: pd.DataFrame, stale: int) -> list[list[str]]:
@@ -330,6 +359,17 @@ def report_blocks(
             f"{len(trials)} of {len(expand(grid))} trials finished, "
             f"{len(failures)} failed. Metric: {label}.",
         ),
+        Block("h2", "Protocol"),
+        Block(
+            "p",
+            "The data and training settings of the finished trials, and which of the paper's "
+            "protocols they follow (authors-code: the authors' released code, grids/paper.yaml; "
+            "paper-text: the paper's text, grids/paper-text.yaml).",
+        ),
+        _table(
+            ["protocol", "trials", "data", "training"],
+            protocol_rows([TrialSpec.from_json(t) for t in trials["spec_json"]]),
+        ),
         Block("h2", "Tables"),
     ]
     for head, table in to_tables(cells).items():
@@ -339,7 +379,8 @@ def report_blocks(
         Block("h2", "Accuracy against layers kept"),
         Block(
             "p",
-            "Mean over seeds; the band is ± one standard deviation"
+            "Mean over seeds; the band is ± one standard deviation; dotted grey: the "
+            "majority-class accuracy"
             + ("; dashed: the paper." if compare else ".")
             + f" The last column ({AVERAGE}) is the mean over tasks.",
         ),

@@ -13,12 +13,14 @@ the number of seeds behind it. Accuracies are shown in percent, as in the paper.
 fewer seeds than expected is "incomplete": expected are the grid's seeds when a grid is given,
 otherwise every seed found in the (filtered) results. The "average" column is the mean over
 tasks of the per-task means (the paper's average), computed only when every task has a result.
+Each cell also carries the mean majority-class accuracy of its trials (the chance level).
+With the paper (`with_paper`), a cell gets the paper's number only where its trials follow
+one of the paper's protocols (`orchestrator.paper`), and an average only the paper's mean over
+the same tasks.
 """
 
 from __future__ import annotations
 
-import importlib.resources
-import io
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,6 +31,7 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
+from slimsweep.orchestrator import paper
 from slimsweep.orchestrator.grid import Grid, GridError
 from slimsweep.orchestrator.plan import expand
 from slimsweep.orchestrator.store import (
@@ -38,9 +41,9 @@ from slimsweep.orchestrator.store import (
     TRIALS_SCHEMA,
     Store,
 )
-from slimsweep.workers.spec import HEADS
+from slimsweep.workers.spec import HEADS, TrialSpec
 
-AVERAGE = "average"
+AVERAGE = paper.AVERAGE
 CELL_KEYS = ("head", "model", "layers", "task")
 # Cell states and how the human formats mark them.
 OK, INCOMPLETE, MISSING = "ok", "incomplete", "missing"
@@ -70,7 +73,7 @@ AXES = tuple(f.name for f in AXIS_FIELDS)  # grid, model, layers, task, head, se
 # --where keys: the grid axes and the flattened spec settings (lr, precision, lm_loss, ...).
 FILTER_KEYS = (*AXES, *SPEC_COLUMNS)
 _FILTER_TYPES: dict[str, pa.DataType] = {k: TRIALS_SCHEMA.field(k).type for k in FILTER_KEYS}
-PAPER_CSV = "paper_tables.csv"
+MAJORITY = "majority class"  # the label of the baseline row in the human tables
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -262,6 +265,31 @@ def human_count(n: float | None) -> str:
     return str(int(n))
 
 
+def _specs_by_cell(
+    data: pd.DataFrame, grid: Grid | None
+) -> dict[tuple[str, str, int, str], list[TrialSpec]]:
+    """The trial specs behind each cell: the grid's (finished or not) when given, else those of
+    the stored rows."""
+    specs = (
+        expand(grid)
+        if grid is not None
+        else [TrialSpec.from_json(t) for t in data["spec_json"].drop_duplicates()]
+    )
+    out: dict[tuple[str, str, int, str], list[TrialSpec]] = {}
+    for s in specs:
+        out.setdefault((s.head, s.model.name, s.layers, s.task.name), []).append(s)
+    return out
+
+
+def _params_label(model: str, layers: int, count: float | None, sources: set[str]) -> str:
+    """The paper's label for a row of the paper's model (as printed, e.g. 112M where the count
+    rounds to 113M); else the count, human-formatted."""
+    label = paper.params_labels().get((model, layers))
+    if label and sources and sources <= set(paper.PAPER_SOURCES.get(model, ())):
+        return label
+    return human_count(count)
+
+
 def aggregate(
     df: pd.DataFrame,
     metric: str = "test_acc",
@@ -271,9 +299,12 @@ def aggregate(
     compare: bool = False,
 ) -> pd.DataFrame:
     """One row per cell (head, model, layers, task; task "average" for the row average) with
-    columns params (median n_params of the cell's head/model/layers, formatted), mean, std
-    (ddof=1), n (seeds with a value), n_expected, missing_seeds, status (ok | incomplete |
-    missing) and, with `compare`, paper and diff (mean - paper, in percentage points).
+    columns params (the paper's label for the paper's models, else the median n_params of the
+    cell's head/model/layers, formatted), mean, std (ddof=1), n (seeds with a value),
+    n_expected, missing_seeds, status (ok | incomplete | missing), majority (the mean
+    majority-class test accuracy of the cell's trials, for accuracy metrics) and, with
+    `compare`, protocol, paper, diff (mean - paper, in points) and no_paper (why a cell has no
+    paper number); see `with_paper`.
 
     With a grid, only the grid's current trials count (see `planned`) and every cell of the
     grid appears, missing or not."""
@@ -294,7 +325,12 @@ def aggregate(
     per_seed = values.groupby(list(CELL_KEYS))
     stats = per_seed[metric].agg(["mean", "std", "count"])
     seeds = per_seed["seed"].agg(lambda s: {int(x) for x in s})
+    majority = data.groupby(list(CELL_KEYS))["majority_test_acc"].mean() * 100
     params = data.groupby(["head", "model", "layers"])["n_params"].median()
+    by_cell = _specs_by_cell(data, grid)
+    sources: dict[str, set[str]] = {}
+    for (_, model, _, _), specs in by_cell.items():
+        sources.setdefault(model, set()).update(s.model.source for s in specs)
     expected = set(lay.seeds)
 
     records = []
@@ -315,23 +351,39 @@ def aggregate(
                         "n": n,
                         "missing_seeds": missing,
                         "status": status,
+                        "majority": majority.get(key, math.nan) if m.percent else math.nan,
                     }
                 )
             row.append(_average(row))
+            label = _params_label(
+                model, layers, params.get((head, model, layers)), sources.get(model, set())
+            )
             for cell in row:
-                cell.update(
-                    head=head,
-                    model=model,
-                    layers=layers,
-                    params=human_count(params.get((head, model, layers))),
-                    n_expected=len(expected),
-                )
+                cell.update(head=head, model=model, layers=layers, params=label)
+                cell["n_expected"] = len(expected)
             records.extend(row)
-    columns = [*CELL_KEYS, "params", "mean", "std", "n", "n_expected", "missing_seeds", "status"]
+    columns = [
+        *CELL_KEYS,
+        "params",
+        "mean",
+        "std",
+        "n",
+        "n_expected",
+        "missing_seeds",
+        "status",
+        "majority",
+    ]
     cells = pd.DataFrame.from_records(records, columns=columns)
     cells["layers"] = cells["layers"].astype("int64")
     cells["n"] = cells["n"].astype("int64")
-    return with_paper(cells) if compare else cells
+    return with_paper(cells, by_cell) if compare else cells
+
+
+def _mean_of_all(values: Sequence[float]) -> float:
+    """The mean of `values`; NaN when there are none or any is NaN."""
+    if not values or any(pd.isna(v) for v in values):
+        return math.nan
+    return sum(values) / len(values)
 
 
 def _average(row: list[dict[str, Any]]) -> dict[str, Any]:
@@ -351,26 +403,78 @@ def _average(row: list[dict[str, Any]]) -> dict[str, Any]:
         "n": min((c["n"] for c in row), default=0),
         "missing_seeds": tuple(missing),
         "status": status,
+        "majority": _mean_of_all([c["majority"] for c in row]),
     }
 
 
 # --- the paper -----------------------------------------------------------------------------
 
 
-def paper_reference() -> pd.DataFrame:
-    """The paper's Tables II-IV (shipped as package data) in long form: head, model, layers,
-    params, task (the four tasks and "average"), value (test accuracy, %)."""
-    text = (importlib.resources.files("slimsweep.orchestrator") / "data" / PAPER_CSV).read_text()
-    wide = pd.read_csv(io.StringIO(text))
-    long = wide.melt(id_vars=["head", "model", "layers", "params"], var_name="task")
-    return long.astype({"layers": "int64", "value": "float64"})
+def _cell_protocol(specs: Sequence[TrialSpec]) -> tuple[str, str]:
+    """(paper protocol name, "") when every trial of a cell follows the same one; else ("",
+    why not)."""
+    found = {paper.protocol_of(s) for s in specs}
+    if not found:
+        return "", "no trial ran"
+    if len(found) == 1:
+        return found.pop()
+    names = {name for name, _ in found}
+    if len(names) > 1 or "" in names:
+        return "", "its trials ran under different protocols"
+    return names.pop(), ""
 
 
-def with_paper(cells: pd.DataFrame) -> pd.DataFrame:
-    """Adds `paper` (the paper's number for the same head, model name, layers and task; NaN
-    where the paper has none) and `diff` = mean - paper."""
-    ref = paper_reference()[[*CELL_KEYS, "value"]].rename(columns={"value": "paper"})
-    out = cells.merge(ref, on=list(CELL_KEYS), how="left")
+def _not_in_paper(ref: pd.DataFrame, head: str, model: str, layers: int, task: str) -> str:
+    """Why the paper's tables have no such cell ("" when they have it; the average counts
+    as present: its number comes from the row's tasks)."""
+    models = list(dict.fromkeys(ref.model))
+    tasks = list(dict.fromkeys(ref.task[ref.task != AVERAGE]))
+    if model not in models:
+        return f"the paper has no model {model} (it reports {', '.join(models)})"
+    depths = list(dict.fromkeys(ref.layers[ref.model == model]))
+    if layers not in depths:
+        shown = ", ".join(map(str, depths))
+        return f"the paper has no {model} with {layers} layers (it reports {shown})"
+    if task != AVERAGE and task not in tasks:
+        return f"the paper has no task {task} (it reports {', '.join(tasks)})"
+    if head not in set(ref["head"]):
+        return f"the paper has no head {head}"
+    return ""
+
+
+def with_paper(
+    cells: pd.DataFrame, specs: Mapping[tuple[str, str, int, str], Sequence[TrialSpec]]
+) -> pd.DataFrame:
+    """Adds, per cell: `protocol` (the paper protocol its trials follow, "" if none), `paper`
+    (the paper's number for the same head, model, depth and task, only where the protocol is
+    the paper's; for the average, the mean of the paper's numbers over the tasks shown, only
+    where every shown task has one), `diff` = mean - paper, and `no_paper`: why a cell has no
+    paper number ("" where it has one)."""
+    ref = paper.reference()
+    ref_value = {
+        (h, m, k, t): v
+        for h, m, k, t, v in zip(
+            ref["head"], ref.model, ref.layers, ref.task, ref.value, strict=True
+        )
+        if t != AVERAGE
+    }
+    out = cells.copy()
+    protocol, value, why = [], [], []
+    for c in out.itertuples(index=False):
+        key = (c.head, c.model, c.layers, c.task)
+        name, reason = ("", "") if c.task == AVERAGE else _cell_protocol(specs.get(key, ()))
+        reason = _not_in_paper(ref, c.head, c.model, c.layers, c.task) or reason
+        protocol.append(name)
+        value.append(math.nan if reason else ref_value.get(key, math.nan))
+        why.append(reason)
+    out["protocol"], out["paper"], out["no_paper"] = protocol, value, why
+    rows = ["head", "model", "layers"]
+    for _, group in out.groupby(rows, sort=False):
+        tasks_part = group[group["task"] != AVERAGE]
+        avg = group.index[group["task"] == AVERAGE]
+        names = set(tasks_part["protocol"])
+        out.loc[avg, "paper"] = _mean_of_all(list(tasks_part["paper"]))
+        out.loc[avg, "protocol"] = names.pop() if len(names) == 1 else ""
     out["diff"] = out["mean"] - out["paper"]
     return out
 
@@ -380,8 +484,8 @@ def with_paper(cells: pd.DataFrame) -> pd.DataFrame:
 
 def to_tables(cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Per head, a wide table: index (model, layers, params), columns (task, field) with the
-    tasks in order and "average" last; fields mean, std, n, status [, paper, diff]."""
-    fields = [c for c in ("mean", "std", "n", "status", "paper", "diff") if c in cells]
+    tasks in order and "average" last; fields mean, std, n, status, majority [, paper, diff]."""
+    fields = [c for c in ("mean", "std", "n", "status", "majority", "paper", "diff") if c in cells]
     tables = {}
     for head in dict.fromkeys(cells["head"]):
         c = cells[cells["head"] == head]
@@ -428,13 +532,27 @@ def cell_text(cell: Mapping[str, Any]) -> str:
     return text
 
 
+def majority_row(table: pd.DataFrame) -> list[float] | None:
+    """Per task of a wide table, the mean majority-class accuracy of its cells (the chance level
+    its accuracies read against); None when the table has none (a metric other than accuracy)."""
+    tasks = list(dict.fromkeys(table.columns.get_level_values("task")))
+    if "majority" not in table.columns.get_level_values("field"):
+        return None
+    values = [table[(t, "majority")].astype(float).mean() for t in tasks]
+    return None if all(pd.isna(v) for v in values) else values
+
+
 def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """A wide table (see `to_tables`) as header and rows of cell texts, for people."""
+    """A wide table (see `to_tables`) as header and rows of cell texts, for people; the last
+    row is the majority-class baseline when the table has one."""
     tasks = list(dict.fromkeys(table.columns.get_level_values("task")))
     header = ["model", "layers", "params", *tasks]
     rows = []
     for (model, layers, params), r in table.iterrows():
         rows.append([model, str(layers), params, *(cell_text(r[t]) for t in tasks)])
+    baseline = majority_row(table)
+    if baseline is not None:
+        rows.append([MAJORITY, "", "", *(_num(v) or MARKS[MISSING] for v in baseline)])
     return header, rows
 
 
@@ -445,8 +563,46 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
 
 
+def _rows_text(keys: Sequence[tuple[str, str, int]]) -> str:
+    """(head, model, layers) keys as 'gpt2-xl 48, 1; opt-1.3b 24 (prompt-lm, vanilla-cls)'."""
+    by_model: dict[str, list[int]] = {}
+    for _, model, layers in keys:
+        by_model.setdefault(model, [])
+        if layers not in by_model[model]:
+            by_model[model].append(layers)
+    heads = ", ".join(dict.fromkeys(h for h, _, _ in keys))
+    rows = "; ".join(f"{m} {', '.join(map(str, ks))}" for m, ks in by_model.items())
+    return f"{rows} ({heads})"
+
+
+def paper_notes(cells: pd.DataFrame) -> list[str]:
+    """With the paper: what the brackets mean, which paper protocols the compared cells
+    follow, one line per reason why cells have no paper number, and the paper's known errors
+    among the rows shown."""
+    out = []
+    compared = cells[cells["paper"].notna()]
+    if len(compared):
+        out.append(
+            "[paper X, ±D]: the paper's number and ours minus the paper's, in points; the "
+            "paper's average is the mean of its numbers over the tasks shown."
+        )
+        names = ", ".join(sorted(set(compared["protocol"]) - {""}))
+        out.append(f"Compared cells follow the paper's protocol: {names}.")
+    reasons: dict[str, list[tuple[str, str, int]]] = {}
+    for c in cells[cells["no_paper"] != ""].itertuples(index=False):
+        keys = reasons.setdefault(c.no_paper, [])
+        if (c.head, c.model, c.layers) not in keys:
+            keys.append((c.head, c.model, c.layers))
+    out += [f"No paper number for {_rows_text(k)}: {why}." for why, k in reasons.items()]
+    shown: dict[tuple[str, str, int], set[str]] = {}
+    for c in cells.itertuples(index=False):
+        shown.setdefault((c.head, c.model, c.layers), set()).add(c.task)
+    return out + paper.errata_notes(shown)
+
+
 def notes(cells: pd.DataFrame) -> list[str]:
-    """What the marks mean, and which cells are incomplete or missing."""
+    """What the marks mean, which cells are incomplete or missing, the baseline row, and with
+    the paper `paper_notes`."""
     expected = int(cells["n_expected"].max()) if len(cells) else 0
     out = [
         "Each cell: mean ± sample standard deviation (ddof=1; none for one seed) over seeds, "
@@ -459,15 +615,13 @@ def notes(cells: pd.DataFrame) -> list[str]:
         out.append(f"*: {incomplete} cell(s) have fewer seeds than the {expected} expected.")
     if missing:
         out.append(f"—: {missing} cell(s) have no result (no average for their rows).")
-    if "paper" in cells and cells["paper"].notna().any():
-        out.append("[paper X, ±D]: the paper's number and ours minus the paper's, in points.")
-    elif "paper" in cells:
-        ref = paper_reference()
-        tasks = dict.fromkeys(ref.task[ref.task != AVERAGE])
+    if "majority" in cells and cells["majority"].notna().any():
         out.append(
-            "The paper has no numbers for these rows; it reports models "
-            f"{', '.join(dict.fromkeys(ref.model))} on tasks {', '.join(tasks)}."
+            f"{MAJORITY}: the accuracy of always predicting the most frequent class of each "
+            "trial's test rows, averaged: the chance level to read the accuracies against."
         )
+    if "paper" in cells:
+        out += paper_notes(cells)
     return out
 
 
@@ -519,6 +673,11 @@ def _latex(cells: pd.DataFrame, metric: str) -> str:
         out.append("\\midrule")
         for (model, layers, params), r in table.iterrows():
             row = [_latex_escape(model), str(layers), params, *(_latex_cell(r[t]) for t in tasks)]
+            out.append(" & ".join(row) + r" \\")
+        baseline = majority_row(table)
+        if baseline is not None:
+            out.append("\\midrule")
+            row = [MAJORITY, "", "", *(_num(v) or "--" for v in baseline)]
             out.append(" & ".join(row) + r" \\")
         out.extend(["\\bottomrule", "\\end{tabular}", ""])
     return "\n".join(out)

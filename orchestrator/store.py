@@ -113,6 +113,7 @@ SPEC_COLUMNS: dict[str, tuple[pa.DataType, Callable[[TrialSpec], Any]]] = {
     "max_length": (pa.int64(), lambda s: s.data.max_length),
     "overflow": (pa.string(), lambda s: s.data.overflow),
     "label_word_rule": (pa.string(), lambda s: s.data.label_word_rule),
+    "sampler": (pa.string(), lambda s: s.data.sampler),  # null in rows written before it
     "optimizer": (pa.string(), lambda s: s.train.optimizer),
     "lr": (pa.float64(), lambda s: s.train.lr),
     "weight_decay": (pa.float64(), lambda s: s.train.weight_decay),

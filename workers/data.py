@@ -12,6 +12,8 @@ merges across one); tests hold that.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from slimsweep.workers import synthetic
-from slimsweep.workers.spec import SpecError, TaskSpec, TrialSpec
+from slimsweep.workers.spec import SpecError, TaskSpec, TrialSpec, check_sampler
 from slimsweep.workers.tasks import FIELD_ALIASES
 
 # Synthetic pools: large enough for the paper's sizes (200 + 1000 valid, 1000 test).
@@ -107,8 +109,22 @@ def _files_pools(task: TaskSpec) -> tuple[list[Row], list[Row]]:
     for path in files.values():
         if not Path(path).is_file():
             raise SpecError(f"task {task.name!r}: data file {path!r} does not exist")
+    for split, digest in task.file_digests:
+        if file_sha256(files[split]) != digest:
+            raise SpecError(
+                f"task {task.name!r}: data file {files[split]!r} changed since the grid was "
+                f"loaded (its sha256 is no longer the one in the trial id); plan and launch again"
+            )
     ds = load_dataset(FILE_BUILDERS[suffixes.pop()], data_files=files)
     return _split_of(task, ds, task.train_split), _split_of(task, ds, task.test_split)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _synthetic_pools(task: TaskSpec) -> tuple[list[Row], list[Row]]:
@@ -133,6 +149,18 @@ def load_pools(task: TaskSpec) -> tuple[list[Row], list[Row]]:
     return POOL_LOADERS[task.kind](task)
 
 
+def rows_fingerprint(train_pool: Sequence[Row], test_pool: Sequence[Row]) -> str:
+    """What identifies the data a trial read, whatever its kind: "rows:" + the first 16 hex
+    digits of a sha256 over every (text, label) of both pools, in order. A hub dataset updated
+    under the same name, or an edited file, gives another fingerprint."""
+    digest = hashlib.sha256()
+    for name, pool in (("train", train_pool), ("test", test_pool)):
+        digest.update(name.encode())
+        for r in pool:
+            digest.update(json.dumps([r["text"], r["label"]]).encode() + b"\n")
+    return "rows:" + digest.hexdigest()[:16]
+
+
 # --- splits --------------------------------------------------------------------------------
 
 
@@ -147,10 +175,12 @@ class Splits:
 def draw_order(n: int, rng: random.Random, inclusive: bool) -> list[int]:
     """A seeded random order of the positions 0..n-1; splits take rows in this order.
 
-    inclusive=True reproduces the authors' off-by-one: they draw from [0, n] inclusive. Our
-    reading: the extra index n is clamped to the last row n-1 (as a bounds-safe lookup would
-    do), so the last row gets two chances to come early; its second appearance is skipped,
-    which keeps the splits disjoint and their sizes exact.
+    inclusive=True approximates the authors' off-by-one (their code draws from [0, n]
+    inclusive, only for demonstrations, and fails on n; `_split_authors` does exactly that):
+    here every order is over n+1 slots and the extra index n is clamped to the last row n-1,
+    so the last row gets two chances to come early; its second appearance is skipped, which
+    keeps the splits disjoint and their sizes exact. Kept so results stored under it keep
+    their meaning.
     """
     if not inclusive or n == 0:
         order = list(range(n))
@@ -161,11 +191,12 @@ def draw_order(n: int, rng: random.Random, inclusive: bool) -> list[int]:
     return list(dict.fromkeys(min(s, n - 1) for s in slots))
 
 
-def split(spec: TrialSpec, train_pool: Sequence[Row], test_pool: Sequence[Row]) -> Splits:
-    """The paper's split, seeded by spec.seed: demonstrations (per class), then train, then
+def _split_slimsweep(
+    spec: TrialSpec, train_pool: Sequence[Row], test_pool: Sequence[Row]
+) -> Splits:
+    """slimsweep's split, seeded by spec.seed: demonstrations (per class), then train, then
     valid, from one random order of the train pool; test from a random order of the test pool
-    (all of it when smaller than test_size). Demonstrations are drawn for every head, so the
-    three heads of a seed train and validate on the same rows."""
+    (all of it when smaller than test_size)."""
     d, n_cls, trial = spec.data, spec.task.n_classes, spec.trial_id
     rng = random.Random(spec.seed)
     order = draw_order(len(train_pool), rng, d.inclusive_index_draw)
@@ -184,28 +215,24 @@ def split(spec: TrialSpec, train_pool: Sequence[Row], test_pool: Sequence[Row]) 
     taken = set(demo_pos)
     rest = [i for i in order if i not in taken]
 
-    n_train = d.train_size * n_cls if d.train_per_class else d.train_size
+    if d.train_per_class:
+        # As the authors' code: train_size of each class, or all a class has left when fewer.
+        chosen: set[int] = set()
+        for c in range(n_cls):
+            chosen.update([i for i in by_class[c] if i not in taken][: d.train_size])
+        train_pos = [i for i in rest if i in chosen]
+        n_train = len(train_pos)
+    else:
+        train_pos = rest[: d.train_size]
+        n_train = d.train_size
     if n_train + d.valid_size > len(rest):
-        per = " per class" if d.train_per_class else ""
+        per = " per class (capped)" if d.train_per_class else ""
         raise SpecError(
             f"trial {trial}: task {spec.task.name!r} has {len(train_pool)} train-pool rows; "
             f"{len(demo_pos)} demonstrations + data.train_size {d.train_size}{per} + "
             f"data.valid_size {d.valid_size} need {len(demo_pos) + n_train + d.valid_size}; "
             f"lower data.train_size or data.valid_size"
         )
-    if d.train_per_class:
-        chosen: set[int] = set()
-        for c in range(n_cls):
-            left = [i for i in by_class[c] if i not in taken]
-            if len(left) < d.train_size:
-                raise SpecError(
-                    f"trial {trial}: class {c} has {len(left)} rows left after demonstrations; "
-                    f"data.train_per_class needs data.train_size {d.train_size} of each"
-                )
-            chosen.update(left[: d.train_size])
-        train_pos = [i for i in rest if i in chosen]
-    else:
-        train_pos = rest[: d.train_size]
     taken.update(train_pos)
     valid_pos = [i for i in rest if i not in taken][: d.valid_size]
     test_pos = draw_order(len(test_pool), rng, d.inclusive_index_draw)[: d.test_size]
@@ -215,6 +242,57 @@ def split(spec: TrialSpec, train_pool: Sequence[Row], test_pool: Sequence[Row]) 
         valid=[train_pool[i] for i in valid_pos],
         test=[test_pool[i] for i in test_pos],
     )
+
+
+def _split_authors(spec: TrialSpec, train_pool: Sequence[Row], test_pool: Sequence[Row]) -> Splits:
+    """The authors' released code (ShuzhouYuan/GNNavi, acceleratorGNN/utils/preproc.py,
+    `ICLDataModule.setup`), draw for draw on `random.Random(seed)`: their `seed_everything(seed)`
+    seeds Python's global generator and nothing draws from it before `setup`, so the same pools
+    in the same order give the same rows.
+
+    1. test: `sample(test pool, n)`, n = min(test_size, len(test pool)) (SST-2: 872);
+    2. `shuffle(train pool)`; valid: its first n rows (the same n: one number for both);
+    3. per class in index order, among the remaining rows of that class: one demonstration
+       `pool.pop(randint(0, len(pool)))` (randint includes len(pool): where it returns that,
+       their code raises IndexError, and so does this, as a SpecError); then
+       `sample(pool, min(train_size, len(pool)))` training rows.
+    """
+    d, trial = spec.data, spec.trial_id
+    rng = random.Random(spec.seed)
+    n = min(d.test_size, len(test_pool))
+    test = rng.sample(list(test_pool), n)
+    shuffled = list(train_pool)
+    rng.shuffle(shuffled)
+    valid, rest = shuffled[:n], shuffled[n:]
+    demos: list[Row] = []
+    train: list[Row] = []
+    for c in range(spec.task.n_classes):
+        pool = [r for r in rest if r["label"] == c]
+        i = rng.randint(0, len(pool))
+        if i == len(pool):
+            raise SpecError(
+                f"trial {trial}: seed {spec.seed} draws index {i} of the {len(pool)} rows of "
+                f"class {c} left after validation: the authors' code fails here (IndexError: "
+                f"pop index out of range), so it has no result for this seed and task; choose "
+                f"another seed or data.sampler: slimsweep"
+            )
+        demos.append(pool.pop(i))
+        train.extend(rng.sample(pool, min(d.train_size, len(pool))))
+    return Splits(demos=demos, train=train, valid=valid, test=test)
+
+
+SPLITTERS: dict[str, Callable[[TrialSpec, Sequence[Row], Sequence[Row]], Splits]] = {
+    "slimsweep": _split_slimsweep,
+    "authors": _split_authors,
+}
+
+
+def split(spec: TrialSpec, train_pool: Sequence[Row], test_pool: Sequence[Row]) -> Splits:
+    """Demonstrations, train, valid and test rows of one trial, by `data.sampler`.
+    Demonstrations are drawn for every head, so the three heads of a seed train and validate
+    on the same rows (only the prompt heads show them)."""
+    check_sampler(spec.data)
+    return SPLITTERS[spec.data.sampler](spec, train_pool, test_pool)
 
 
 # --- prompts -------------------------------------------------------------------------------
@@ -346,6 +424,7 @@ class Prepared:
     prefix_ids: list[int]  # shared by every input; [] for vanilla-cls
     label_ids: list[int]  # token id per class (prompt-lm); [] for the classification heads
     manifest: dict[str, Any]
+    fingerprint: str  # rows_fingerprint of the pools read
 
 
 def token_limit(spec: TrialSpec, context_length: int) -> int:
@@ -432,4 +511,5 @@ def prepare(spec: TrialSpec, tokenizer: Any, context_length: int) -> Prepared:
         "truncated": truncated,
         "label_ids": label_ids,
     }
-    return Prepared(train, valid, test, demo_examples, prefix_ids, label_ids, manifest)
+    fingerprint = rows_fingerprint(train_pool, test_pool)
+    return Prepared(train, valid, test, demo_examples, prefix_ids, label_ids, manifest, fingerprint)

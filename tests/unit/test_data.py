@@ -14,6 +14,7 @@ from slimsweep.workers import data, synthetic
 from slimsweep.workers.spec import DataSpec, ModelSpec, SpecError, TaskSpec, TrialSpec
 from slimsweep.workers.tasks import TASKS
 
+DIGEST = "0c400bf109290ddc4ec9f581bbe5e90542abd3914bd31228147320e221304e72"
 SMALL = DataSpec(train_size=8, valid_size=8, test_size=8)
 # What each task's prompt looks like, written out independently of the registry's templates.
 LAYOUT = {
@@ -115,6 +116,36 @@ def test_files_kind_reads_csv(tmp_path: Path) -> None:
         data.load_pools(missing)
 
 
+def test_a_files_task_refuses_a_file_changed_since_its_digest(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.csv").write_text("text,label\na,0\nb,1\n")
+    paths = tuple((s, str(tmp_path / f"{s}.csv")) for s in ("train", "test"))
+    task = TaskSpec(
+        name="mine",
+        kind="files",
+        dataset="files",
+        template="R: {text}\nS:{label}",
+        label_words=(" no", " yes"),
+        data_files=paths,
+        # sha256 of "text,label\na,0\nb,1\n", computed independently (sha256sum)
+        file_digests=tuple((s, DIGEST) for s, _ in paths),
+    )
+    assert len(data.load_pools(task)[0]) == 2
+    (tmp_path / "train.csv").write_text("text,label\na,0\n")
+    with pytest.raises(SpecError, match=r"train.csv' changed since the grid was loaded"):
+        data.load_pools(task)
+
+
+def test_rows_fingerprint_changes_with_any_row() -> None:
+    train = [{"text": "a", "label": 0, "idx": 0}, {"text": "b", "label": 1, "idx": 1}]
+    test = [{"text": "c", "label": 0, "idx": 0}]
+    fp = data.rows_fingerprint(train, test)
+    assert fp.startswith("rows:") and len(fp) == 21
+    assert fp == data.rows_fingerprint([dict(r) for r in train], test)
+    assert fp != data.rows_fingerprint([train[0], {**train[1], "label": 0}], test)
+    assert fp != data.rows_fingerprint(train[:1], test)
+
+
 def test_unknown_hub_dataset_is_a_spec_error(tmp_path: Path) -> None:
     task = dataclasses.replace(TASKS["sst2"], dataset=str(tmp_path / "absent"), config=None)
     with pytest.raises(SpecError, match="cannot load dataset"):
@@ -187,6 +218,83 @@ def test_train_per_class_takes_train_size_of_each_class(local_tasks, pools) -> N
     s = data.split(spec, *pools["agnews"])
     assert sorted(r["label"] for r in s.train) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert len(s.valid) == 8
+
+
+def test_train_per_class_caps_a_short_class_at_what_it_has() -> None:
+    # class 0 has 3 rows (1 becomes the demonstration), class 1 has 30: 2 + 5 train rows
+    train = [{"text": f"t{i}", "label": int(i >= 3), "idx": i} for i in range(33)]
+    test = [{"text": "x", "label": 0, "idx": 0}]
+    spec = make_spec(TASKS["sst2"], train_size=5, valid_size=4, train_per_class=True)
+    s = data.split(spec, train, test)
+    assert sorted(r["label"] for r in s.train) == [0, 0, 1, 1, 1, 1, 1]
+    assert len(s.valid) == 4 and {r["label"] for r in s.demos} == {0, 1}
+
+
+def authors_setup(seed: int, train: list[dict], test: list[dict], n_test: int, per_class: int):
+    """The authors' ICLDataModule.setup (ShuzhouYuan/GNNavi, acceleratorGNN/utils/preproc.py),
+    transcribed: the reference the authors sampler must equal."""
+    random.seed(seed)
+    n_test = min(n_test, len(test))
+    test_samples = random.sample(list(test), n_test)
+    train_samples = list(train)
+    random.shuffle(train_samples)
+    val_samples = train_samples[:n_test]
+    train_samples = train_samples[n_test:]
+    selected_demo, selected_auxiliary = [], []
+    for n in range(len({r["label"] for r in train})):
+        pool = [x for x in train_samples if x["label"] == n]
+        selected_demo.append(pool.pop(random.randint(0, len(pool))))
+        selected_auxiliary.extend(random.sample(pool, min(per_class, len(pool))))
+    return selected_demo, selected_auxiliary, val_samples, test_samples
+
+
+@pytest.mark.parametrize(("task", "seed"), [("agnews", 0), ("agnews", 42), ("trec", 1)])
+def test_authors_sampler_draws_the_rows_their_code_draws(local_tasks, pools, task, seed) -> None:
+    spec = make_spec(local_tasks[task], seed=seed, train_size=3, train_per_class=True)
+    spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, sampler="authors"))
+    s = data.split(spec, *pools[task])
+    demos, train, valid, test = authors_setup(seed, *pools[task], n_test=8, per_class=3)
+    assert (s.demos, s.train, s.valid, s.test) == (demos, train, valid, test)
+    assert len(s.train) == 3 * local_tasks[task].n_classes and len(s.valid) == len(s.test) == 8
+
+
+def test_authors_sampler_uses_the_test_size_for_valid_when_the_test_pool_is_smaller(
+    local_tasks, pools
+) -> None:
+    spec = make_spec(local_tasks["sst2"], train_size=2, train_per_class=True)
+    spec = dataclasses.replace(
+        spec, data=dataclasses.replace(spec.data, sampler="authors", valid_size=40, test_size=40)
+    )
+    s = data.split(spec, *pools["sst2"])
+    assert len(s.test) == len(s.valid) == 30  # the test pool's 30 rows (SST-2: 872)
+
+
+def test_authors_sampler_fails_where_their_inclusive_pop_fails(local_tasks, pools) -> None:
+    # seed 0 on this TREC pool: randint(0, 9) returns 9 for class 5's 9 rows
+    spec = make_spec(local_tasks["trec"], seed=0, train_size=3, train_per_class=True)
+    spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, sampler="authors"))
+    with pytest.raises(SpecError, match=r"draws index 9 of the 9 rows of class 5 .*IndexError"):
+        data.split(spec, *pools["trec"])
+    with pytest.raises(IndexError):
+        authors_setup(0, *pools["trec"], n_test=8, per_class=3)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"train_per_class": False}, "data.train_per_class: False with data.sampler authors"),
+        ({"demos_per_class": 2}, "data.demos_per_class: 2 with data.sampler authors"),
+        ({"valid_size": 9}, "data.valid_size: 9 differs from data.test_size 8"),
+        ({"sampler": "mine"}, "data.sampler: 'mine' is not one of slimsweep, authors"),
+    ],
+)
+def test_authors_sampler_refuses_settings_their_code_cannot_have(
+    local_tasks, pools, change, message
+) -> None:
+    spec = make_spec(local_tasks["sst2"], train_per_class=True, sampler="authors")
+    spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, **change))
+    with pytest.raises(SpecError, match=re.escape(message)):
+        data.split(spec, *pools["sst2"])
 
 
 def test_pool_too_small_names_the_sizes(local_tasks, pools) -> None:

@@ -172,3 +172,21 @@ def test_smollm2_from_its_package_with_two_layers(tmp_path: Path) -> None:
     again = load_model(spec)  # from the cache folder: no second de-quantisation
     assert list((tmp_path / "dequantised").iterdir()) == cached
     assert again.n_params == loaded.n_params
+
+
+def test_model_commit_names_what_was_read(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from slimsweep.workers.families import model_commit
+
+    hub = make_spec("openai-community/gpt2-xl", 1)
+    assert model_commit(hub, SimpleNamespace(_commit_hash="15ea56dee5df4983"), "x") == (
+        "15ea56dee5df4983"
+    )
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    local = make_spec(str(tmp_path), 1)
+    # sha256 of the config's bytes, computed independently (sha256sum)
+    assert model_commit(local, SimpleNamespace(_commit_hash=None), str(tmp_path)) == (
+        "local:329499c21b8237d4"
+    )
+    assert model_commit(hub, SimpleNamespace(_commit_hash=None), "nowhere") == "unpinned"

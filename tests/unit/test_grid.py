@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -50,11 +51,13 @@ def test_paper_grid_expands_to_600_distinct_trials():
 
 
 def test_trial_ids_are_stable_across_loads_and_ignore_runtime(tmp_path):
-    a = [s.trial_id for s in expand(load_grid(GRIDS / "paper.yaml"))]
-    b = [s.trial_id for s in expand(load_grid(GRIDS / "paper.yaml"))]
+    a = [s.trial_id for s in expand(load_grid(GRIDS / "paper-text.yaml"))]
+    b = [s.trial_id for s in expand(load_grid(GRIDS / "paper-text.yaml"))]
     assert a == b
     # Pinned literally: the same trial has the same id on every machine and every release
-    # (the paper grid names hub ids, no local paths). A change here orphans stored results.
+    # (the grid names hub ids, no local paths). A change here orphans stored results. These
+    # are the ids of grids/paper.yaml before it followed the authors' code: paper-text.yaml
+    # keeps its settings.
     assert (a[0], a[-1]) == ("8376026e5ed28074", "a61f49dffd5dd9a5")
     assert hashlib.sha256(",".join(a).encode()).hexdigest()[:16] == "b8feb12a7924eb0d"
     fast = write(tmp_path, MINIMAL + "runtime: {eval_batch_size: 8}\nresources: {gpus: 1}\n")
@@ -63,6 +66,50 @@ def test_trial_ids_are_stable_across_loads_and_ignore_runtime(tmp_path):
     assert [s.trial_id for s in expand(load_grid(fast))] == [
         s.trial_id for s in expand(load_grid(slow))
     ]
+
+
+def test_paper_grid_ids_are_pinned():
+    # The authors'-code protocol (per-class training rows, weight decay 0.01, their draws).
+    a = [s.trial_id for s in expand(load_grid(GRIDS / "paper.yaml"))]
+    assert (a[0], a[-1]) == ("e87e7a1d22fb532f", "d4702b17979f1dc2")
+    assert hashlib.sha256(",".join(a).encode()).hexdigest()[:16] == "334cf1f683b4b7cc"
+
+
+def test_paper_grids_differ_only_in_the_authors_code_settings():
+    code, text = (load_grid(GRIDS / f"{n}.yaml") for n in ("paper", "paper-text"))
+    assert (code.models, code.tasks, code.heads, code.seeds) == (
+        text.models,
+        text.tasks,
+        text.heads,
+        text.seeds,
+    )
+    assert dataclasses.replace(code.data, train_per_class=False, sampler="slimsweep") == text.data
+    assert (code.train.weight_decay, text.train.weight_decay) == (0.01, 0.0)
+    assert dataclasses.replace(code.train, weight_decay=0.0) == text.train
+
+
+def test_a_files_task_id_follows_the_files_contents(tmp_path):
+    (tmp_path / "train.csv").write_text(
+        "text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(40))
+    )
+    (tmp_path / "test.csv").write_text("text,label\na,0\nb,1\n")
+    text = MINIMAL.replace(
+        "tasks: [sst2]",
+        "tasks: [{name: mine, files: {train: train.csv, test: test.csv}, "
+        "template: 'R: {text}\\nS:{label}', label_words: [' no', ' yes']}]",
+    )
+    before = [s.trial_id for s in expand(load_grid(write(tmp_path, text)))]
+    assert before == [s.trial_id for s in expand(load_grid(write(tmp_path, text)))]
+    lines = (tmp_path / "train.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "train.csv").write_text("".join(lines[: len(lines) // 2]))  # cut in half
+    after = [s.trial_id for s in expand(load_grid(write(tmp_path, text)))]
+    assert set(before).isdisjoint(after)
+
+
+def test_hub_and_synthetic_tasks_keep_their_ids_without_digests():
+    spec = expand(load_grid(GRIDS / "demo.yaml"))[0]
+    assert spec.task.file_digests == () and "file_digests" not in spec.identity()["task"]
+    assert "sampler" not in spec.identity()["data"]
 
 
 def test_changing_what_is_computed_changes_the_id(tmp_path):
@@ -149,6 +196,34 @@ def test_cli_plan_prints_counts_and_exits_2_on_bad_grid(tmp_path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_cli_plan_shows_the_protocol_and_training_rows_per_task(capsys):
+    assert main(["plan", str(GRIDS / "paper.yaml")]) == 0
+    out, _ = capsys.readouterr()
+    # 200 per class, capped: TREC's 86 abbreviations, less 500 validation rows drawn first
+    assert "training rows per trial: agnews 800, emoc 800, sst2 400, trec ~1077" in out
+    assert "weight decay 0.01" in out and "sampler authors, train 200 per class (capped)" in out
+    assert "protocol  the paper's (authors-code)" in out
+    assert main(["plan", str(GRIDS / "paper-text.yaml")]) == 0
+    out, _ = capsys.readouterr()
+    assert "training rows per trial: agnews 200, emoc 200, sst2 200, trec 200" in out
+    assert "protocol  the paper's (paper-text)" in out
+
+
+def test_cli_plan_warns_once_about_unpinned_hub_sources(tmp_path, capsys):
+    assert main(["plan", str(GRIDS / "paper.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "slimsweep: warning: no revision pinned for model gpt2-xl, model opt-1.3b, dataset "
+        "agnews, dataset emoc, dataset sst2, dataset trec:"
+    )
+    pinned = MINIMAL.replace("source: openai-community/gpt2-xl", "source: x/y\n    revision: abc")
+    pinned = pinned.replace("tasks: [sst2]", "tasks: [{name: sst2, revision: def}]")
+    assert main(["plan", str(write(tmp_path, pinned))]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["plan", str(GRIDS / "demo.yaml")]) == 0  # a package source, synthetic data
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_output_cut_short_by_its_reader_ends_without_a_traceback():
     import subprocess
     import sys
@@ -158,4 +233,5 @@ def test_cli_output_cut_short_by_its_reader_ends_without_a_traceback():
     cmd = f"'{sys.executable}' -m slimsweep.orchestrator.cli plan '{GRIDS / 'paper.yaml'}' "
     out = subprocess.run(cmd + "--format json | head -c 1", shell=True, capture_output=True)
     assert out.stdout.decode() == "["
-    assert out.stderr.decode() == ""
+    err = out.stderr.decode()  # only the warning about the grid's unpinned hub sources
+    assert err.startswith("slimsweep: warning: no revision pinned") and err.count("\n") == 1

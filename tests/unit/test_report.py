@@ -39,6 +39,7 @@ def write(store: Store, spec: TrialSpec, acc: float, device: str, wall_s: float)
         epochs_run=3,
         val_acc=acc,
         test_acc=acc,
+        majority_test_acc=0.4,
         wall_s=wall_s,
         device=device,
         versions_json='{"torch": "2.13.0", "transformers": "5.24.0"}',
@@ -120,9 +121,51 @@ def test_demo_compared_with_the_paper_says_the_paper_has_no_such_rows(demo):
     cells = aggregate(load_results(results, grid.name), grid=grid, compare=True)
     assert cells["paper"].isna().all()
     assert notes(cells)[-1] == (
-        "The paper has no numbers for these rows; it reports models gpt2-xl, opt-1.3b on "
-        "tasks agnews, emoc, sst2, trec."
+        "No paper number for smollm2-135m 1, 2, 30 (prompt-lm): the paper has no model "
+        "smollm2-135m (it reports gpt2-xl, opt-1.3b)."
     )
+
+
+def test_plots_draw_the_majority_class_baseline(two):
+    grid, results = two
+    cells = aggregate(load_results(results, grid.name), grid=grid)
+    fig = rep.accuracy_figure(cells, "test accuracy (%)")
+    for ax in fig.axes:
+        dotted = [line for line in ax.lines if line.get_linestyle() == ":"]
+        assert [line.get_label() for line in dotted] == ["majority class"]
+        assert list(dotted[0].get_ydata()) == [40.0, 40.0]
+
+
+def test_report_says_which_protocol_each_run_used(tmp_path):
+    text = (Path(__file__).resolve().parents[2] / "grids" / "paper.yaml").read_text()
+    path = tmp_path / "p.yaml"
+    path.write_text(text.replace("[48, 24, 12, 2, 1]", "[1]").replace("[24, 12, 6, 2, 1]", "[1]"))
+    specs = expand(load_grid(path))
+    changed = [dataclasses.replace(s, train=dataclasses.replace(s.train, lr=1e-3)) for s in specs]
+    rows = rep.protocol_rows(specs + changed[:3])
+    assert [r[:2] for r in rows] == [["authors-code", "120"], ["not the paper's", "3"]]
+    assert rows[0][2] == (
+        "sampler authors, train 200 per class (capped), valid 1000, test 1000, "
+        "1 demo(s)/class, label words first-subtoken"
+    )
+    assert rows[0][3] == (
+        "adamw lr 5e-05 weight decay 0.01, batch 1, ≤50 epochs, patience 15, fp32, loss label-words"
+    )
+
+
+def test_cost_table_is_in_depth_order():
+    trials = pd.DataFrame(
+        {"model": ["m", "m", "m", "n"], "layers": [1, 12, 2, 4], "device": [""] * 4}
+    ).assign(wall_s=3600.0)
+    failures = pd.DataFrame({"model": [], "layers": [], "wall_s": []})
+    table = rep.costs(trials, failures)
+    assert list(zip(table.model, table.layers, strict=True)) == [
+        ("m", 12),
+        ("m", 2),
+        ("m", 1),
+        ("n", 4),
+        ("total", ""),
+    ]
 
 
 def test_two_heads_two_lines_and_dashed_paper_lines(two):
@@ -145,6 +188,7 @@ def test_two_heads_two_lines_and_dashed_paper_lines(two):
         "prompt-lm (paper)",
         "vanilla-cls",
         "vanilla-cls (paper)",
+        "majority class",
     ]
 
 

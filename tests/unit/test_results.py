@@ -7,9 +7,11 @@ import dataclasses
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pandas as pd
 import pytest
+from slimsweep.orchestrator import paper
 from slimsweep.orchestrator import results as res
 from slimsweep.orchestrator.cli import main
 from slimsweep.orchestrator.grid import Grid, GridError, load_grid
@@ -17,6 +19,7 @@ from slimsweep.orchestrator.plan import expand
 from slimsweep.orchestrator.store import Store, failure_result
 from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec
 
+GRIDS_DIR = Path(__file__).resolve().parents[2] / "grids"
 GRID_YAML = """\
 name: mini
 models:
@@ -64,6 +67,7 @@ def write(store: Store, spec: TrialSpec, acc: float, device: str = "cuda:0") -> 
         epochs_run=3,
         val_acc=acc - 0.1,
         test_acc=acc,
+        majority_test_acc=0.5,
         wall_s=360.0,
         device=device,
         versions_json='{"torch": "2.13.0"}',
@@ -220,15 +224,103 @@ def test_comparison_puts_the_paper_number_and_difference_beside_each_cell(df, gr
     assert c.paper == pytest.approx(85.34)
     assert c["diff"] == pytest.approx(83.0 - 85.34)
     avg = cell(cells, "prompt-lm", "gpt2-xl", 48, "average")
-    assert avg.paper == pytest.approx(77.04) and avg["diff"] == pytest.approx(77.0 - 77.04)
+    # the paper's mean over the two tasks shown (85.34, 68.97), not its 4-task 77.04
+    assert avg.paper == pytest.approx(77.155) and avg["diff"] == pytest.approx(77.0 - 77.155)
+    assert avg.protocol == "paper-text" and avg.no_paper == ""
     v = cell(cells, "vanilla-cls", "opt-1.3b", 24, "sst2")
     assert v.paper == pytest.approx(68.35) and v["diff"] == pytest.approx(51.0 - 68.35)
     gone = cell(cells, "vanilla-cls", "opt-1.3b", 1, "agnews")
     assert gone.paper == pytest.approx(81.86) and math.isnan(gone["diff"])
 
 
+def test_an_average_is_compared_with_the_papers_average_over_the_same_tasks(df, grid):
+    cells = res.aggregate(df, grid=grid, filters={"task": ["sst2"]}, compare=True)
+    avg = cell(cells, "prompt-lm", "gpt2-xl", 48, "average")
+    assert avg["mean"] == pytest.approx(71.0) and avg.paper == pytest.approx(68.97)
+
+
+def grid_with(tmp_path, extra: str) -> Grid:
+    path = tmp_path / "other.yaml"
+    path.write_text(GRID_YAML.replace("name: mini", "name: other") + extra)
+    return load_grid(path)
+
+
+def test_trials_of_another_protocol_get_no_paper_number_and_say_why(tmp_path):
+    grid = grid_with(tmp_path, "training: {weight_decay: 0.05}\ndata: {train_size: 64}\n")
+    store = Store(str(tmp_path / "r" / grid.name))
+    for spec in expand(grid):
+        write(store, spec, 0.5)
+    df = res.load_results(str(tmp_path / "r"), grid.name)
+    cells = res.aggregate(df, grid=grid, compare=True)
+    assert cells["paper"].isna().all() and cells["diff"].isna().all()
+    lines = res.notes(cells)
+    why = [n for n in lines if n.startswith("No paper number")]
+    assert why == [
+        "No paper number for gpt2-xl 48, 1; opt-1.3b 24, 1 (prompt-lm, vanilla-cls): its "
+        "protocol is not the paper's (nearest: paper-text): data.train_size 64 (paper: 200); "
+        "training.weight_decay 0.05 (paper: 0.0)."
+    ]
+
+
+def test_a_model_named_like_the_papers_from_another_source_is_not_compared():
+    spec = expand(load_grid(GRIDS_DIR / "paper-text.yaml"))[0]
+    other = dataclasses.replace(
+        spec, model=dataclasses.replace(spec.model, source="someone/gpt2-xl-finetuned")
+    )
+    assert paper.protocol_of(spec) == ("paper-text", "")
+    name, why = paper.protocol_of(other)
+    assert name == "" and why == (
+        "its protocol is not the paper's (nearest: paper-text): model.source "
+        "someone/gpt2-xl-finetuned (paper: openai-community/gpt2-xl)"
+    )
+
+
+def test_the_paper_grids_follow_the_paper_protocols():
+    for name, protocol in (("paper", "authors-code"), ("paper-text", "paper-text")):
+        specs = expand(load_grid(GRIDS_DIR / f"{name}.yaml"))
+        assert {paper.protocol_of(s) for s in specs} == {(protocol, "")}
+
+
+def test_params_are_labelled_as_the_paper_prints_them_for_its_own_models(tmp_path):
+    # 112.7M parameters rounds to 113M; the paper prints 112M for GPT2-XL's 1 layer
+    assert res.human_count(112_700_000) == "113M"
+    assert res._params_label("gpt2-xl", 1, 112_700_000, {"openai-community/gpt2-xl"}) == "112M"
+    assert res._params_label("gpt2-xl", 1, 112_700_000, {"/models/mine"}) == "113M"
+    assert res._params_label("opt-1.3b", 2, 208_000_000, {"facebook/opt-1.3b"}) == "297M"
+
+
+def test_the_papers_known_errors_are_noted_beside_their_rows(df, grid):
+    notes = res.notes(res.aggregate(df, grid=grid, compare=True))
+    assert not any("297M" in n or "copying error" in n for n in notes)  # rows not shown
+    shown = {("prompt-lm", "gpt2-xl", 24): {"trec"}, ("vanilla-cls", "opt-1.3b", 2): {"sst2"}}
+    assert paper.errata_notes(shown) == list(paper.ERRATA.values())
+
+
+def test_majority_class_baseline_is_a_row_of_every_accuracy_table(df, grid):
+    text = res.render(res.aggregate(df, grid=grid), "markdown")
+    assert "| majority class |  |  | 50.00 | 50.00 | 50.00 |" in text
+    assert "chance level" in text
+    wall = res.render(res.aggregate(df, "wall_s", grid=grid), "markdown")
+    assert "majority class" not in wall
+
+
+def test_comparison_without_a_grid_names_cells_no_trial_ran(df):
+    # gpt2-xl on agnews only, opt-1.3b on sst2 only: the other two cells have no trials
+    part = df[
+        ((df.model == "gpt2-xl") & (df.task == "agnews"))
+        | ((df.model == "opt-1.3b") & (df.task == "sst2"))
+    ]
+    cells = res.aggregate(part[part["head"] == "prompt-lm"], compare=True)
+    gone = cell(cells, "prompt-lm", "gpt2-xl", 1, "sst2")
+    assert math.isnan(gone.paper) and gone.no_paper == "no trial ran"
+    assert cell(cells, "prompt-lm", "gpt2-xl", 1, "agnews").paper == pytest.approx(85.30)
+    # 48 layers, agnews also holds a trial of the grid's earlier lr: unlike trials, no number
+    mixed = cell(cells, "prompt-lm", "gpt2-xl", 48, "agnews")
+    assert math.isnan(mixed.paper) and mixed.no_paper == "its trials ran under different protocols"
+
+
 def test_paper_reference_is_packaged_with_all_three_tables():
-    ref = res.paper_reference()
+    ref = paper.reference()
     assert len(ref) == 3 * 10 * 5
     assert set(ref["head"]) == {"prompt-lm", "prompt-cls", "vanilla-cls"}
     row = ref[(ref["head"] == "prompt-cls") & (ref.model == "opt-1.3b") & (ref.layers == 1)]

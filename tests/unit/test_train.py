@@ -5,6 +5,7 @@ both LM losses and bf16 autocast on CPU."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import shutil
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from slimsweep.workers import train as train_mod
-from slimsweep.workers.families import load_model
+from slimsweep.workers.families import head_module, load_model
 from slimsweep.workers.spec import DataSpec, ModelSpec, RuntimeSpec, TrainSpec, TrialSpec
 from slimsweep.workers.tasks import TASKS
 from slimsweep.workers.train import (
@@ -219,10 +220,32 @@ def test_full_vocab_loss_is_larger_than_label_words_loss(tiny_models) -> None:
     assert vocab.rows[0].train_loss > words.rows[0].train_loss + 1
 
 
+def fit_recording_dtypes(spec: TrialSpec) -> tuple[train_mod.TrainOutcome, set[torch.dtype]]:
+    """`fit`, with the dtypes the LM head's outputs had in every forward pass."""
+    train_mod.seed_everything(spec.seed, CPU)
+    loaded = load_model(spec)
+    dtypes: set[torch.dtype] = set()
+    head_module(loaded.model, spec.head).register_forward_hook(
+        lambda _m, _i, out: dtypes.add(out.dtype)
+    )
+    data = make_data(loaded.tokenizer)
+    out = train_mod.train(
+        spec, loaded.model, data, pad_id=loaded.tokenizer.pad_token_id, device=CPU
+    )
+    return out, dtypes
+
+
 def test_bf16_autocast_runs_on_cpu(tiny_models) -> None:
-    out = fit(make_spec(tiny_models["gpt2"], epochs=1, precision="bf16"))
-    assert out.rows[0].train_loss == out.rows[0].train_loss  # not nan
-    assert set(out.test_preds) <= {0, 1}
+    bf16, bf16_dtypes = fit_recording_dtypes(
+        make_spec(tiny_models["gpt2"], epochs=1, precision="bf16")
+    )
+    fp32, fp32_dtypes = fit_recording_dtypes(make_spec(tiny_models["gpt2"], epochs=1))
+    # autocast ran: the head computed in bf16 (training and evaluation), fp32 without it
+    assert (bf16_dtypes, fp32_dtypes) == ({torch.bfloat16}, {torch.float32})
+    assert math.isfinite(bf16.rows[0].train_loss)
+    assert bf16.rows[0].train_loss != fp32.rows[0].train_loss
+    assert bf16.rows[0].train_loss == pytest.approx(fp32.rows[0].train_loss, rel=0.05)
+    assert set(bf16.test_preds) <= {0, 1}
 
 
 def test_padded_training_batches_count_real_tokens_only(tiny_models) -> None:
