@@ -120,29 +120,47 @@ def run_bundle(
         generators.append(_global_generator(device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bundle = {"bundle_id": bundle_id(specs), "bundle_size": len(specs)}
     outcomes: list[BundleOutcome | None] = [None] * len(specs)
+    # A step trains every trial of a stack on one batch: trials whose samples differ in size
+    # (data.sampler authors caps short classes per seed) train in stacks of equal size.
+    groups: dict[tuple, list[int]] = {}
+    for i, data in enumerate(datas):
+        groups.setdefault((len(data.train), tuple(data.label_ids)), []).append(i)
+    for members in groups.values():
+        group = [specs[i] for i in members]
+        bundle = {"bundle_id": bundle_id(group), "bundle_size": len(group)} if members[1:] else {}
 
-    def done(i: int, out: TrainOutcome | BaseException) -> None:
-        if isinstance(out, BaseException):
-            outcomes[i] = out
-        else:
-            result = _result(specs[i], loads[i], datas[i], out, device, started, t0)
-            outcomes[i] = (dataclasses.replace(result, **bundle), list(out.rows))
-        if on_done is not None:
-            on_done(i, outcomes[i])
+        def done(j: int, out: TrainOutcome | BaseException, members=members, bundle=bundle):
+            i = members[j]
+            if isinstance(out, BaseException):
+                outcomes[i] = out
+            else:
+                result = _result(specs[i], loads[i], datas[i], out, device, started, t0)
+                outcomes[i] = (dataclasses.replace(result, **bundle), list(out.rows))
+            if on_done is not None:
+                on_done(i, outcomes[i])
 
-    train_bundle(
-        specs,
-        [loaded.model for loaded in loads],
-        datas,
-        pad_id=loads[0].tokenizer.pad_token_id,
-        device=device,
-        generators=generators,
-        on_epoch=on_epoch,
-        on_done=done,
-    )
+        if not members[1:]:  # alone: its own model on the device, its dropout from the global RNG
+            loads[members[0]].model.to(device)
+            _set_global_generator(generators[members[0]], device)
+        train_bundle(
+            group,
+            [loads[i].model for i in members],
+            [datas[i] for i in members],
+            pad_id=loads[0].tokenizer.pad_token_id,
+            device=device,
+            generators=[generators[i] for i in members],
+            on_epoch=on_epoch,
+            on_done=done,
+        )
     return [o for o in outcomes if o is not None]
+
+
+def _set_global_generator(gen: torch.Generator, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(gen.get_state(), device)
+    else:
+        torch.set_rng_state(gen.get_state())
 
 
 def _global_generator(device: torch.device) -> torch.Generator:

@@ -216,3 +216,34 @@ def test_a_nan_fails_its_own_trial_and_the_bundle_goes_on(
         assert [(e, a) for e, _, a in rows] == [(e, a) for e, _, a in want[0]]
         assert [loss for _, loss, _ in rows] == pytest.approx([w for _, w, _ in want[0]], rel=1e-4)
         assert rest == list(want[1:])
+
+
+def test_seeds_with_samples_of_different_sizes_train_in_stacks_of_equal_size(
+    dropout_models, local_tasks, monkeypatch
+) -> None:
+    """The authors' sampler caps short classes per seed, so one cell's seeds can have
+    different train sizes; such a bundle trains in stacks of equal size, a lone one alone."""
+    from slimsweep.workers import run as run_mod
+
+    specs = [
+        bundle_spec(dropout_models["gpt2"], local_tasks["sst2"], "prompt-lm", s) for s in SEEDS[:3]
+    ]
+    prepare = run_mod.prepare
+
+    def short(spec, tokenizer, context_length):
+        data = prepare(spec, tokenizer, context_length)
+        if spec.seed == specs[1].seed:
+            data.train = data.train[:-1]
+        return data
+
+    monkeypatch.setattr(run_mod, "prepare", short)
+    alone = [numbers(*run_trial(s)) for s in specs]
+    fused = run_bundle(specs)
+
+    assert [(r.bundle_size, r.n_train) for r, _ in fused] == [(2, 6), (1, 5), (2, 6)]
+    assert fused[0][0].bundle_id == bundle_id([specs[0], specs[2]]) and not fused[1][0].bundle_id
+    for got, want in zip(fused, alone, strict=True):
+        rows, *rest = numbers(*got)
+        assert [(e, a) for e, _, a in rows] == [(e, a) for e, _, a in want[0]]
+        assert [loss for _, loss, _ in rows] == pytest.approx([w for _, w, _ in want[0]], rel=1e-4)
+        assert rest == list(want[1:])
