@@ -1,10 +1,12 @@
 """The training loop: AdamW, epochs, validation, early stopping, best-epoch test, restarts.
 
-One loop for every head (see `heads`). The model is selected on validation accuracy: the
-best epoch's weights are kept (a CPU copy) and tested. No per-step host sync: the epoch's
-loss is summed on the device and read once per epoch.
+One loop for every head (see `heads`) and for N >= 1 trials that differ only in seed
+(`train_bundle`: one trial on its own model, several fused as one stacked model, see
+`workers.fused`). Each trial is selected on its validation accuracy: the best epoch's weights
+are kept (a CPU copy) and tested. No per-step host sync: the epoch's losses are summed on the
+device and read once per epoch.
 
-Restarts: at the end of an epoch, when a checkpoint is due (`checkpoint_due`: every
+Restarts (a single trial): at the end of an epoch, when a checkpoint is due (`checkpoint_due`: every
 `runtime.checkpoint_every` epochs, and at least `runtime.checkpoint_min_s` after the last one),
 the loop writes what it needs to go on (model, optimiser, RNG states, history, best weights)
 into a fresh temporary folder, hands it to `on_epoch` and removes it when `on_epoch` returns
