@@ -1,34 +1,66 @@
 """The `slimsweep` command: argument parsing and printing only.
 
-User errors (`GridError`, `SpecError`) print as one line on stderr and exit 2. Heavy modules
-(torch, ray) are imported inside the commands that need them, so `plan` stays instant.
+Exit codes (EXIT_CODES): user errors (`GridError`, `SpecError`) print as one line on stderr
+and exit 2; any other exception is the CLI's last line of defence: one line and exit 3
+(`--debug` adds the traceback). Heavy modules (torch, ray) are imported inside the commands
+that need them, so `plan` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import shlex
 import sys
+import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 
 from slimsweep.orchestrator.grid import Grid, GridError, load_grid
 from slimsweep.orchestrator.plan import (
+    check_label_words,
     describe_data,
     describe_train,
     expand,
     train_rows,
     unpinned,
 )
-from slimsweep.workers.spec import SpecError, TrialSpec
+from slimsweep.workers.spec import SpecError, TrialSpec, check_name, cut
 
 DEFAULT_RESULTS = "results"
+USER_ERROR, UNEXPECTED_ERROR, INTERRUPTED = 2, 3, 130
+EXIT_CODES = """exit codes:
+  0    done
+  1    trials failed or are missing (launch, status)
+  2    a mistake in the grid or the command line: one line names it and the fix
+  3    an unexpected error: one line; rerun with --debug for the traceback
+  130  interrupted"""
 
 
 def results_root(args: argparse.Namespace, grid: Grid | None = None) -> str:
     """--results wins over the grid's `results:`, which wins over ./results."""
-    return args.results or (grid.results if grid else None) or DEFAULT_RESULTS
+    root = args.results or (grid.results if grid else None) or DEFAULT_RESULTS
+    check_folder(root, "--results" if args.results else "results folder")
+    return root
+
+
+def check_folder(path: str, what: str) -> None:
+    """GridError when a local folder to write in is a file, or lies under one (a URI is the
+    store's to check)."""
+    if "://" in path and not path.startswith("file://"):
+        return
+    p = Path(path.removeprefix("file://")).expanduser()
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise GridError(
+                    f"{what} {path}: {q} is a file, not a folder; give a folder (it is created "
+                    f"when missing)"
+                )
+            return
 
 
 def paper_protocol(specs: list[TrialSpec]) -> str:
@@ -45,6 +77,7 @@ def paper_protocol(specs: list[TrialSpec]) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)
+    check_label_words(grid)
     specs = expand(grid)
     loose = unpinned(grid)
     if loose:
@@ -93,7 +126,21 @@ def find_trial(grid: Grid, trial_id: str) -> TrialSpec:
 
 def grid_results(args: argparse.Namespace, grid: Grid) -> str:
     """The grid's own results folder or URI: <results root>/<grid name>."""
-    return f"{results_root(args, grid).rstrip('/')}/{grid.name}"
+    from slimsweep.orchestrator.store import join
+
+    folder = join(results_root(args, grid), grid.name)
+    check_folder(folder, "results folder")
+    return folder
+
+
+def rerun_hint(args: argparse.Namespace, grid: Grid, resume: bool) -> str:
+    """The command that runs the grid's missing (`resume`: and failed) trials, carrying the
+    --results it was given, quoted for a shell: it can be copied as it is."""
+    words = ["slimsweep", "launch", grid.path]
+    words += ["--results", args.results] if args.results else []
+    words += ["--resume"] if resume else []
+    what = "to rerun the failed trials" if resume else "to run the missing trials"
+    return f"{what}: {shlex.join(words)}"
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -102,6 +149,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise GridError(f"--max-concurrent {args.max_concurrent}: give at least 1")
     grid = load_grid(args.grid)
+    check_label_words(grid)
     summary = launch(
         grid,
         grid_results(args, grid),
@@ -115,10 +163,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
             f"grid '{grid.name}': {summary.total - summary.missing}/{summary.total} trials done"
             f"{f', {summary.failed} failed in this launch' if summary.failed else ''}"
         )
+        if summary.unsent:
+            print(
+                f"{summary.unsent} finished trial record(s) wait in {summary.unsent_dir} (the "
+                f"store did not answer); the next launch uploads them"
+            )
         if summary.failed or summary.failed_before_skipped:
-            print(f"to rerun the failed trials: slimsweep launch {grid.path} --resume")
+            print(rerun_hint(args, grid, resume=True))
         elif summary.missing:
-            print(f"to run the missing trials: slimsweep launch {grid.path}")
+            print(rerun_hint(args, grid, resume=False))
     return summary.exit_code
 
 
@@ -131,10 +184,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  done {st.done}/{st.total}, failed {len(st.failures)}, missing {st.missing}")
     for trial_id, error in st.failures:
         print(f"  failed {trial_id}: {error}")
+    for trial_id, problem in st.damaged:
+        print(f"  damaged {trial_id}: {problem}; the next launch reruns it")
+    if st.ignored:
+        print(f"  {st.ignored}")
+    if st.unsent:
+        print(f"  {st.unsent} finished trial(s) wait in {st.unsent_dir}; the next launch uploads")
+    if st.running:
+        print(f"  a launch is running: {st.running}")
     if st.failures:
-        print(f"to rerun the failed trials: slimsweep launch {grid.path} --resume")
+        print(rerun_hint(args, grid, resume=True))
     elif st.missing:
-        print(f"to run the missing trials: slimsweep launch {grid.path}")
+        print(rerun_hint(args, grid, resume=False))
     return st.exit_code
 
 
@@ -145,12 +206,17 @@ def read_spec(path: str) -> TrialSpec:
     except OSError as e:
         raise SpecError(f"{path}: cannot read the spec file ({e.strerror})") from e
     try:
-        return TrialSpec.from_json(text)
-    except (ValueError, KeyError, TypeError) as e:
+        spec = TrialSpec.from_json(text)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise SpecError(
-            f"{path}: not a TrialSpec JSON ({type(e).__name__}: {e}); write one with "
+            f"{path}: not a TrialSpec JSON ({type(e).__name__}: {cut(str(e))}); write one with "
             f"TrialSpec.to_json()"
         ) from e
+    try:
+        spec.validate()
+    except SpecError as e:
+        raise SpecError(f"{path}: {e}") from e
+    return spec
 
 
 def cmd_run_trial(args: argparse.Namespace) -> int:
@@ -231,6 +297,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.grid and (args.grid.endswith((".yaml", ".yml")) or "/" in args.grid):
         grid = load_grid(args.grid)
         name = grid.name
+    elif name is not None:
+        check_name(name, "--grid")  # a folder under the results root, never above it
     out = res.query(args.sql, results_root(args, grid), name)
     print(res.render_frame(out, args.format).rstrip("\n"))
     return 0
@@ -240,80 +308,231 @@ def cmd_report(args: argparse.Namespace) -> int:
     from slimsweep.orchestrator.report import build_report
 
     grid = load_grid(args.grid)
+    check_folder(args.out, "--out")
     report = build_report(grid, results_root(args, grid), args.out, compare=args.compare == "paper")
     print(f"report: {report.html} (and {report.markdown.name}, {len(report.images)} images)")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slimsweep", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
-    sp = sub.add_parser("plan", help="expand a grid into trials and summarise them")
-    sp.add_argument("grid")
-    sp.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
+RESULTS_HELP = (
+    "results root, a folder or URI (s3://, gs://); default: the grid's results:, else ./results"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --debug is accepted before or after the command (`slimsweep --debug plan G`, `... G --debug`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="on an error, also print the Python traceback",
+    )
+    p = argparse.ArgumentParser(
+        prog="slimsweep",
+        description="Layer-pruning sweeps of LLMs: a YAML grid of trials run on Ray Tune, each "
+        "result a Parquet row.",
+        epilog=_examples(
+            "slimsweep plan grids/demo.yaml",
+            "slimsweep launch grids/demo.yaml",
+            "slimsweep status grids/demo.yaml",
+            "slimsweep results grids/demo.yaml",
+            "slimsweep report grids/demo.yaml --out reports/demo",
+        )
+        + "\n\n"
+        + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    p.add_argument("--version", action="version", version=f"slimsweep {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, *examples: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help[0].upper() + help[1:] + ".",
+            epilog=_examples(*examples),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[common],
+        )
+
+    sp = command(
+        "plan",
+        "expand a grid into trials and summarise them; checks the grid, starts nothing",
+        "slimsweep plan grids/paper.yaml",
+        "slimsweep plan grids/paper.yaml --format csv > trials.csv",
+    )
+    sp.add_argument("grid", help="the grid file (YAML; docs/grid-format.md)")
+    sp.add_argument(
+        "--format",
+        choices=("table", "json", "csv"),
+        default="table",
+        help="table: counts per axis (default); json, csv: one row per trial with its id",
+    )
     sp.set_defaults(func=cmd_plan)
 
-    sp = sub.add_parser("launch", help="run the grid's missing trials on Ray Tune")
-    sp.add_argument("grid")
-    sp.add_argument("--address", help="join a running Ray cluster: auto (on its head) or HOST:PORT")
-    sp.add_argument("--results", help="results root, a folder or URI (s3://, gs://)")
-    sp.add_argument("--max-concurrent", type=int, help="at most N trials at once")
+    sp = command(
+        "launch",
+        "run the grid's missing trials on Ray Tune",
+        "slimsweep launch grids/demo.yaml                 # on a private local Ray",
+        "slimsweep launch grids/paper.yaml --dry-run      # what would run",
+        "slimsweep launch grids/paper.yaml --resume       # also rerun failed trials",
+        "slimsweep launch grids/paper.yaml --address auto --results s3://bucket/sweeps",
+    )
+    sp.add_argument("grid", help="the grid file (YAML; docs/grid-format.md)")
+    sp.add_argument(
+        "--address",
+        help="join a running Ray cluster: auto (on its head) or HOST:PORT; default: start a "
+        "private local Ray for this launch (RAY_ADDRESS is ignored)",
+    )
+    sp.add_argument("--results", help=RESULTS_HELP)
+    sp.add_argument("--max-concurrent", type=int, metavar="N", help="at most N trials at once")
     sp.add_argument("--resume", action="store_true", help="also rerun failed trials")
     sp.add_argument("--dry-run", action="store_true", help="print what would run; run nothing")
     sp.set_defaults(func=cmd_launch)
 
-    sp = sub.add_parser("status", help="done / failed / missing trials of a grid")
-    sp.add_argument("grid")
-    sp.add_argument("--results", help="results root, a folder or URI (s3://, gs://)")
+    sp = command(
+        "status",
+        "done / failed / missing trials of a grid, with each failure's error",
+        "slimsweep status grids/demo.yaml",
+        "slimsweep status grids/paper.yaml --results s3://bucket/sweeps",
+    )
+    sp.add_argument("grid", help="the grid file (YAML)")
+    sp.add_argument("--results", help=RESULTS_HELP)
     sp.set_defaults(func=cmd_status)
 
-    sp = sub.add_parser("run-trial", help="run one trial in this process and print its record")
+    sp = command(
+        "run-trial",
+        "run one trial in this process and print its record",
+        "slimsweep run-trial grids/demo.yaml --trial 8376026e   # an id prefix from `plan`",
+        "slimsweep run-trial --spec trial.json --json",
+    )
     sp.add_argument("grid", nargs="?", help="the grid file holding the trial")
     sp.add_argument("--trial", help="the trial's id (a unique prefix is enough)")
     sp.add_argument("--spec", help="a TrialSpec JSON file instead of a grid and --trial")
     sp.add_argument("--json", action="store_true", help="print the record as JSON")
     sp.set_defaults(func=cmd_run_trial)
 
-    sp = sub.add_parser("results", help="the paper's tables for a grid: mean ± std over seeds")
-    sp.add_argument("grid")
-    sp.add_argument("--results", help="results root, a folder or URI (s3://, gs://)")
-    sp.add_argument("--format", choices=("markdown", "csv", "json", "latex"), default="markdown")
+    sp = command(
+        "results",
+        "the paper's tables for a grid: mean ± std over seeds",
+        "slimsweep results grids/paper.yaml",
+        "slimsweep results grids/paper.yaml --where head=prompt-lm --format latex",
+        "slimsweep results grids/paper.yaml --compare paper",
+    )
+    sp.add_argument("grid", help="the grid file (YAML)")
+    sp.add_argument("--results", help=RESULTS_HELP)
+    sp.add_argument(
+        "--format",
+        choices=("markdown", "csv", "json", "latex"),
+        default="markdown",
+        help="output format (default markdown)",
+    )
     sp.add_argument("--metric", default="test_acc", help="test_acc (default), val_acc, ...")
     sp.add_argument(
-        "--where", action="append", default=[], metavar="KEY=V[,V]", help="filter, repeatable"
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=V[,V]",
+        help="keep only rows whose axis KEY is one of the values; repeatable",
     )
-    sp.add_argument("--compare", choices=("paper",), help="the paper's numbers and differences")
+    sp.add_argument(
+        "--compare", choices=("paper",), help="add the paper's numbers and the differences"
+    )
     sp.set_defaults(func=cmd_results)
 
-    sp = sub.add_parser("query", help="SQL (DuckDB) over tables trials, epochs, failed")
-    sp.add_argument("sql")
-    sp.add_argument("--results", help="results root, a folder or URI (s3://, gs://)")
+    sp = command(
+        "query",
+        "SQL (DuckDB) over tables trials, epochs, failed",
+        'slimsweep query "SELECT model, layers, avg(test_acc) FROM trials GROUP BY ALL"',
+        'slimsweep query "SELECT * FROM failed" --grid grids/paper.yaml --format csv',
+    )
+    sp.add_argument("sql", help="one SQL statement over the tables trials, epochs and failed")
+    sp.add_argument("--results", help=RESULTS_HELP)
     sp.add_argument("--grid", help="one grid only: a grid file or a grid name")
-    sp.add_argument("--format", choices=("table", "csv", "json", "markdown"), default="table")
+    sp.add_argument(
+        "--format",
+        choices=("table", "csv", "json", "markdown"),
+        default="table",
+        help="output format (default table)",
+    )
     sp.set_defaults(func=cmd_query)
 
-    sp = sub.add_parser("report", help="an HTML + Markdown report: tables, plots, costs")
-    sp.add_argument("grid")
+    sp = command(
+        "report",
+        "an HTML + Markdown report: tables, plots, costs",
+        "slimsweep report grids/demo.yaml --out reports/demo",
+        "slimsweep report grids/paper.yaml --out reports/paper --compare paper",
+    )
+    sp.add_argument("grid", help="the grid file (YAML)")
     sp.add_argument("--out", required=True, help="folder for index.html, report.md, PNGs")
-    sp.add_argument("--results", help="results root, a folder or URI (s3://, gs://)")
-    sp.add_argument("--compare", choices=("paper",), help="the paper's numbers and differences")
+    sp.add_argument("--results", help=RESULTS_HELP)
+    sp.add_argument(
+        "--compare", choices=("paper",), help="add the paper's numbers and the differences"
+    )
     sp.set_defaults(func=cmd_report)
     return p
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("slimsweep")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def one_line_warnings() -> None:
+    """Python warnings as `slimsweep: warning: <message>`, one line without the source path,
+    each distinct message once per command (a store's notice comes from every reader a
+    command uses)."""
+    seen: set[str] = set()
+
+    def show(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+        text = " ".join(str(message).split()) or category.__name__
+        if text not in seen:
+            seen.add(text)
+            print(f"slimsweep: warning: {text}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            if not debug:
+                one_line_warnings()
+            return args.func(args)
     except (GridError, SpecError) as e:
+        if debug:
+            traceback.print_exc()
         print(f"slimsweep: error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     except BrokenPipeError:
         # The reader went away (`slimsweep plan ... | head`): stop quietly, and keep Python
         # from failing again while it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:
+        print("slimsweep: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as e:  # the last line of defence: no user sees a traceback unasked
+        if debug:
+            traceback.print_exc()
+        first = (str(e).strip() or "no message").splitlines()[0]
+        hint = "" if debug else "; rerun with --debug for the traceback"
+        print(
+            f"slimsweep: unexpected error: {type(e).__name__}: {cut(first)}{hint} (if it is "
+            f"not your environment, it is a bug: please report it)",
+            file=sys.stderr,
+        )
+        return UNEXPECTED_ERROR
 
 
 if __name__ == "__main__":

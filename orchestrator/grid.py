@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,20 +21,24 @@ from slimsweep.orchestrator.models import model_depth
 from slimsweep.workers.data import file_sha256
 from slimsweep.workers.spec import (
     HEADS,
-    LABEL_WORD_RULES,
-    LM_LOSSES,
-    OVERFLOW_RULES,
     PKG_PREFIX,
-    PRECISIONS,
-    SAMPLERS,
     DataSpec,
     ModelSpec,
     RuntimeSpec,
     SpecError,
     TaskSpec,
     TrainSpec,
+    check_choice,
+    check_model,
+    check_name,
     check_sampler,
+    check_section,
+    check_seed,
+    check_task,
+    cut,
     fuse_limit,
+    shown,
+    unknown,
 )
 from slimsweep.workers.tasks import TASKS
 
@@ -71,7 +76,21 @@ class Grid:
     resources: Resources = field(default_factory=Resources)
     max_failures: int = 2
     results: str | None = None
+    max_trials: int = 100_000
 
+    @property
+    def n_trials(self) -> int:
+        """The number of trials `plan.expand` makes, counted without making them."""
+        return (
+            sum(len(m.layers) for m in self.models)
+            * len(self.tasks)
+            * len(self.heads)
+            * len(self.seeds)
+        )
+
+
+MAX_FILE_BYTES = 1 << 20  # a grid is a few KB of YAML
+MAX_NODES = 100_000  # YAML values after expanding aliases: far above any real grid
 
 TOP_KEYS = (
     "name",
@@ -86,18 +105,18 @@ TOP_KEYS = (
     "resources",
     "max_failures",
     "results",
+    "max_trials",
 )
 MODEL_KEYS = ("name", "source", "revision", "gguf_file", "trust_remote_code", "layers")
-TASK_KEYS = (*tuple(f.name for f in dataclasses.fields(TaskSpec) if f.name != "kind"), "files")
-CHOICES: dict[str, tuple[str, ...]] = {
-    "precision": PRECISIONS,
-    "lm_loss": LM_LOSSES,
-    "label_word_rule": LABEL_WORD_RULES,
-    "overflow": OVERFLOW_RULES,
-    "sampler": SAMPLERS,
-    "optimizer": ("adamw",),
-    "device": ("auto", "cpu", "cuda"),
-}
+# A grid writes `files:`; kind, data_files and file_digests follow from it.
+TASK_KEYS = (
+    *(
+        f.name
+        for f in dataclasses.fields(TaskSpec)
+        if f.name not in ("kind", "data_files", "file_digests")
+    ),
+    "files",
+)
 
 
 class _Loader:
@@ -110,12 +129,21 @@ class _Loader:
         where = f"{self.path}: {key}: " if key else f"{self.path}: "
         return GridError(where + msg)
 
+    def contract(self, check: Any, *args: Any) -> None:
+        """Run one of the contract's checks (workers/spec.py), naming this file in its error."""
+        try:
+            check(*args)
+        except SpecError as e:
+            raise GridError(f"{self.path}: {e}") from e
+
     def check_keys(self, d: dict, allowed: tuple[str, ...], key: str) -> None:
         for k in d:
             if k not in allowed:
                 near = difflib.get_close_matches(str(k), allowed, n=1)
                 hint = f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(allowed)}"
-                raise self.fail(f"{key}.{k}" if key else str(k), f"unknown key; {hint}")
+                raise self.fail(
+                    f"{key}.{cut(str(k))}" if key else cut(str(k)), f"unknown key; {hint}"
+                )
 
     def mapping(self, value: Any, key: str) -> dict:
         if value is None:
@@ -134,9 +162,12 @@ class _Loader:
             raise self.fail(key, "is empty; list at least one value")
         seen: set[str] = set()
         for i, v in enumerate(value):
-            tag = json.dumps(v, sort_keys=True, default=str)
+            try:
+                tag = json.dumps(v, sort_keys=True, default=str)
+            except TypeError:  # keys of mixed types do not sort
+                tag = repr(v)
             if tag in seen:
-                raise self.fail(f"{key}[{i}]", f"duplicate value {v!r}; list each value once")
+                raise self.fail(f"{key}[{i}]", f"duplicate value {shown(v)}; list each value once")
             seen.add(tag)
         return value
 
@@ -149,22 +180,13 @@ class _Loader:
         out = {}
         for k, v in values.items():
             default = getattr(defaults, k)
-            if (key, k) == ("runtime", "fuse") and type(v) in (int, bool):
-                v = "off" if v is False else str(v)  # YAML 1.1 reads `off` as false; 5 -> "5"
+            if (key, k) == ("runtime", "fuse"):  # YAML 1.1 reads `off` as false; 5 -> "5"
+                v = "off" if v is False else str(v) if type(v) is int and abs(v) < 2**63 else v
             out[k] = self.typed(v, default, f"{key}.{k}", fields[k].type)
-            if k in CHOICES and out[k] not in CHOICES[k]:
-                raise self.fail(f"{key}.{k}", f"{v!r} is not one of {', '.join(CHOICES[k])}")
         obj = cls(**out)
+        self.contract(check_section, obj, cls, key)
         if key == "runtime":
-            try:
-                fuse_limit(obj.fuse, on_gpu=True)
-            except SpecError as e:
-                raise self.fail("runtime.fuse", str(e).split(": ", 1)[1]) from e
-        for k in ("train_size", "valid_size", "test_size", "batch_size", "epochs"):
-            if hasattr(obj, k) and getattr(obj, k) < 1:
-                raise self.fail(f"{key}.{k}", "must be at least 1")
-        if getattr(obj, "lr", 1.0) <= 0:
-            raise self.fail(f"{key}.lr", "must be a positive number, e.g. 5e-5")
+            self.contract(fuse_limit, obj.fuse, True)
         return obj
 
     def typed(self, v: Any, default: Any, key: str, annotation: str) -> Any:
@@ -175,13 +197,13 @@ class _Loader:
             raise self.fail(key, f"must not be empty; the default is {default!r}")
         if isinstance(default, bool) or "bool" in str(annotation):
             if not isinstance(v, bool):
-                raise self.fail(key, f"expected true or false, got {v!r}")
+                raise self.fail(key, f"expected true or false, got {shown(v)}")
             return v
         if isinstance(default, int) or (
             "int" in str(annotation) and "float" not in str(annotation)
         ):
             if isinstance(v, bool) or not isinstance(v, int):
-                raise self.fail(key, f"expected an integer, got {v!r}")
+                raise self.fail(key, f"expected an integer, got {shown(v)}")
             return v
         if isinstance(default, float):
             if isinstance(v, str):
@@ -190,7 +212,7 @@ class _Loader:
                 except ValueError:
                     pass
             if isinstance(v, bool) or not isinstance(v, int | float):
-                raise self.fail(key, f"expected a number, got {v!r}")
+                raise self.fail(key, f"expected a number, got {shown(v)}")
             return float(v)
         if not isinstance(v, str):
             raise self.fail(key, f"expected text, got {_kind(v)}")
@@ -208,9 +230,13 @@ class _Loader:
                 raise self.fail(f"{key}.{k}", f"expected text, got {_kind(m[k])}")
         trust = m.get("trust_remote_code", False)
         if not isinstance(trust, bool):
-            raise self.fail(f"{key}.trust_remote_code", f"expected true or false, got {trust!r}")
+            got = shown(trust)
+            raise self.fail(f"{key}.trust_remote_code", f"expected true or false, got {got}")
         source = _resolve_source(m["source"], base)
-        depth = model_depth(source)
+        try:
+            depth = model_depth(source)
+        except ValueError as e:
+            raise self.fail(f"{key}.source", f"{e}; fix the file or point source elsewhere") from e
         spec = ModelSpec(
             name=m["name"],
             source=source,
@@ -218,6 +244,7 @@ class _Loader:
             gguf_file=m.get("gguf_file"),
             trust_remote_code=trust,
         )
+        self.contract(check_model, spec, key)
         layers = self.axis(m, "layers") if isinstance(m["layers"], list) else [m["layers"]]
         if not layers:
             raise self.fail(f"{key}.layers", "is empty; list at least one layer count")
@@ -226,7 +253,7 @@ class _Loader:
             k = self.layer_count(v, depth, f"{key}.layers[{j}]", m["name"])
             if k in resolved:
                 raise self.fail(
-                    f"{key}.layers[{j}]", f"{v!r} resolves to {k} layers, listed already"
+                    f"{key}.layers[{j}]", f"{shown(v)} resolves to {k} layers, listed already"
                 )
             resolved.append(k)
         return ModelAxis(spec=spec, layers=tuple(resolved), depth=depth)
@@ -236,14 +263,15 @@ class _Loader:
             if depth is None:
                 raise self.fail(
                     key,
-                    f"{v!r} needs the depth of model '{model}', which is unknown; "
+                    f"{shown(v)} needs the depth of model '{model}', which is unknown; "
                     "write a whole number of layers",
                 )
             return depth if v == "all" else max(1, round(depth * v))
         if isinstance(v, bool) or not isinstance(v, int):
             raise self.fail(
                 key,
-                f"expected a layer count (an integer, a fraction like 0.5, or 'all'), got {v!r}",
+                "expected a layer count (an integer, a fraction like 0.5, or 'all'), "
+                f"got {shown(v)}",
             )
         if v < 1:
             raise self.fail(key, f"layer count {v} is below 1; keep at least one layer")
@@ -258,21 +286,25 @@ class _Loader:
         key = f"tasks[{i}]"
         if isinstance(raw, str):
             if raw not in TASKS:
-                raise self.fail(key, _unknown("task", raw, tuple(TASKS)))
+                raise self.fail(key, unknown("task", raw, tuple(TASKS)))
             return TASKS[raw]
         t = self.mapping(raw, key)
         self.check_keys(t, TASK_KEYS, key)
         if "name" not in t:
             raise self.fail(f"{key}.name", "missing; give the task a name")
+        self.contract(check_name, t["name"], f"{key}.name")
         known = TASKS.get(t["name"])
         fields: dict[str, Any] = dataclasses.asdict(known) if known else {"name": t["name"]}
         for k, v in t.items():
             if k == "files":
                 files = self.mapping(v, f"{key}.files")
-                if "train" not in files:
-                    raise self.fail(f"{key}.files.train", "missing; give a train file")
+                for split, p in files.items():
+                    if not isinstance(split, str) or not isinstance(p, str):
+                        raise self.fail(
+                            f"{key}.files", f"expected split: path pairs, got {shown({split: p})}"
+                        )
                 fields["data_files"] = tuple(
-                    (split, _resolve_source(str(p), base)) for split, p in sorted(files.items())
+                    (split, _resolve_source(p, base)) for split, p in sorted(files.items())
                 )
                 fields["kind"] = "files"
                 fields["dataset"] = "files"
@@ -286,22 +318,31 @@ class _Loader:
             fields["kind"] = "hub"
         for req in ("dataset", "template", "label_words"):
             if req not in fields:
-                raise self.fail(f"{key}.{req}", f"missing for new task '{t['name']}'")
-        template = fields["template"]
-        if "{text}" not in template or not template.endswith("{label}"):
+                raise self.fail(f"{key}.{req}", f"missing for new task {shown(t['name'])}")
+        task = TaskSpec(**fields)
+        self.contract(check_task, task, key)
+        for split, p in task.data_files:
+            self.data_file(p, f"{key}.files.{split}")
+        digests = tuple(
+            (split, self.file_digest(p, f"{key}.files.{split}")) for split, p in task.data_files
+        )
+        return dataclasses.replace(task, file_digests=digests)
+
+    def data_file(self, path: str, key: str) -> None:
+        """A task's data file exists and reads, checked now rather than once Ray runs."""
+        if not _is_file(path):
             raise self.fail(
-                f"{key}.template",
-                "must contain {text} and end with {label}, e.g. "
-                "'Review: {text}\\nSentiment:{label}'",
+                key,
+                f"{shown(path)} is not a file; check the path (relative paths "
+                "start from the grid file's folder)",
             )
-        if fields["kind"] == "files":
-            if not dict(fields["data_files"]).get("test"):
-                raise self.fail(f"{key}.files.test", "missing; give a test file")
-            fields["file_digests"] = tuple(
-                (split, self.file_digest(path, f"{key}.files.{split}"))
-                for split, path in fields["data_files"]
-            )
-        return TaskSpec(**fields)
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise self.fail(
+                key, f"cannot read {shown(path)} ({e.strerror}); fix its permissions"
+            ) from e
 
     def file_digest(self, path: str, key: str) -> str:
         """sha256 of a data file's bytes: part of the trial id, so that results computed from
@@ -327,20 +368,99 @@ def _kind(v: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "text"}.get(type(v), type(v).__name__)
 
 
-def _unknown(what: str, value: Any, valid: tuple[str, ...]) -> str:
-    near = difflib.get_close_matches(str(value), valid, n=1)
-    hint = f"did you mean '{near[0]}'? " if near else ""
-    return f"unknown {what} {value!r}; {hint}valid: {', '.join(valid)}"
-
-
 def _resolve_source(source: str, base: Path) -> str:
     """Local paths are made absolute (relative to the grid file); hub ids stay as written."""
     if source.startswith(PKG_PREFIX):
         return source
     local = (base / source) if not Path(source).is_absolute() else Path(source)
-    if source.startswith((".", "/", "~")) or local.exists():
+    if source.startswith((".", "/", "~")) or _exists(local):
         return str(local.expanduser().resolve())
     return source
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, False for names no file can have (a NUL byte, too long)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _read_yaml(path: Path) -> Any:
+    """The file's YAML document, refusing what would take long or much memory to expand:
+    files over MAX_FILE_BYTES, alias chains expanding past MAX_NODES values, self-references."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise GridError(
+                f"{path}: {size} bytes, over the {MAX_FILE_BYTES} a grid may have; a grid is a "
+                f"short YAML file (is this the right file?)"
+            )
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GridError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); a grid "
+            f"is a YAML text file: check the path, or save it as UTF-8"
+        ) from e
+    except OSError as e:
+        raise GridError(f"{path}: cannot read the grid file ({e.strerror}); check the path") from e
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # reads the stream: refuses control characters
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded_size(node, path)
+        if n > MAX_NODES:
+            raise GridError(
+                f"{path}: expands to {n} YAML values (aliases included), over the {MAX_NODES} a "
+                f"grid may have; write the values out or split the grid"
+            )
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise GridError(f"{path}: {line}malformed YAML ({problem}); fix the syntax there") from e
+    except RecursionError as e:
+        raise GridError(f"{path}: nested too deeply to be a grid; flatten it") from e
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _expanded_size(root: yaml.Node, path: Path) -> int:
+    """Values in the document once every alias is replaced by what it names; each distinct
+    node is sized once, so an alias bomb is measured, not expanded."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in active:
+            raise GridError(
+                f"{path}: an alias refers to itself; YAML grids cannot nest a value in itself"
+            )
+        active.add(id(node))
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        total = 1 + sum(size(c) for c in children)
+        active.discard(id(node))
+        sizes[id(node)] = min(total, MAX_NODES + 1)
+        return sizes[id(node)]
+
+    return size(root)
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -348,62 +468,71 @@ def load_grid(path: str | Path) -> Grid:
     if not path.is_file():
         raise GridError(f"{path}: no such grid file; check the path (grids live in grids/*.yaml)")
     ld = _Loader(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise GridError(f"{path}: {line}malformed YAML ({problem}); fix the syntax there") from e
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ld.fail("", "a grid file must be a mapping with keys: " + ", ".join(TOP_KEYS))
     ld.check_keys(raw, TOP_KEYS, "")
     name = raw.get("name", path.stem)
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ld.fail("name", "expected a non-empty name without '/', e.g. name: paper")
+    ld.contract(check_name, name, "name")
     base = path.parent
     models = tuple(ld.model(m, i, base) for i, m in enumerate(ld.axis(raw, "models")))
     names = [m.spec.name for m in models]
     for i, n in enumerate(names):
         if names.index(n) != i:
-            raise ld.fail(f"models[{i}].name", f"duplicate model name '{n}'; names must differ")
+            raise ld.fail(
+                f"models[{i}].name", f"duplicate model name {shown(n)}; names must differ"
+            )
     tasks = tuple(ld.task(t, i, base) for i, t in enumerate(ld.axis(raw, "tasks")))
+    task_names = [t.name for t in tasks]
+    for i, n in enumerate(task_names):
+        if task_names.index(n) != i:
+            raise ld.fail(
+                f"tasks[{i}]",
+                f"task {shown(n)} is listed already as tasks[{task_names.index(n)}] (a name and a "
+                f"mapping with that name are one task); list it once",
+            )
     heads = ld.axis(raw, "heads")
     for i, h in enumerate(heads):
-        if h not in HEADS:
-            raise ld.fail(f"heads[{i}]", _unknown("head", h, HEADS))
+        ld.contract(check_choice, h, HEADS, f"heads[{i}]", "head")
     seeds = ld.axis(raw, "seeds")
     for i, s in enumerate(seeds):
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise ld.fail(f"seeds[{i}]", f"seed {s!r} is not an integer; write e.g. 42")
+        ld.contract(check_seed, s, f"seeds[{i}]")
     resources = ld.mapping(raw.get("resources"), "resources")
     ld.check_keys(resources, ("cpus", "gpus", "custom"), "resources")
     custom = ld.mapping(resources.get("custom"), "resources.custom")
     for k, v in custom.items():
-        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-            raise ld.fail(f"resources.custom.{k}", f"expected a positive number, got {v!r}")
+        if not isinstance(k, str):
+            raise ld.fail("resources.custom", f"resource names are text, got {shown(k)}")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < math.inf:
+            raise ld.fail(f"resources.custom.{k}", f"expected a positive number, got {shown(v)}")
     res = Resources(
         **{k: v for k, v in resources.items() if k != "custom"},
         custom=tuple((str(k), float(v)) for k, v in sorted(custom.items())),
     )
-    if isinstance(res.cpus, bool) or not isinstance(res.cpus, int | float) or res.cpus <= 0:
-        raise ld.fail("resources.cpus", f"expected a positive number, got {res.cpus!r}")
-    if res.gpus != "auto" and (
-        isinstance(res.gpus, bool) or not isinstance(res.gpus, int | float) or res.gpus < 0
+    if (
+        isinstance(res.cpus, bool)
+        or not isinstance(res.cpus, int | float)
+        or not 0 < res.cpus < math.inf
     ):
-        raise ld.fail("resources.gpus", f"expected a number >= 0 or 'auto', got {res.gpus!r}")
+        raise ld.fail("resources.cpus", f"expected a positive number, got {shown(res.cpus)}")
+    if res.gpus != "auto" and (
+        isinstance(res.gpus, bool)
+        or not isinstance(res.gpus, int | float)
+        or not 0 <= res.gpus < math.inf
+    ):
+        raise ld.fail("resources.gpus", f"expected a number >= 0 or 'auto', got {shown(res.gpus)}")
     max_failures = raw.get("max_failures", 2)
     if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
-        raise ld.fail("max_failures", f"expected an integer >= 0, got {max_failures!r}")
+        raise ld.fail("max_failures", f"expected an integer >= 0, got {shown(max_failures)}")
     results = raw.get("results")
     if results is not None and not isinstance(results, str):
         raise ld.fail("results", "expected a folder or URI, e.g. results: s3://bucket/sweeps")
+    max_trials = raw.get("max_trials", Grid.max_trials)
+    if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
+        raise ld.fail("max_trials", f"expected an integer >= 1, got {shown(max_trials)}")
     data = ld.section(raw, "data", DataSpec)
-    try:
-        check_sampler(data)
-    except SpecError as e:
-        raise GridError(f"{path}: {e}") from None
-    return Grid(
+    ld.contract(check_sampler, data)
+    grid = Grid(
         name=name,
         path=str(path),
         models=models,
@@ -416,4 +545,12 @@ def load_grid(path: str | Path) -> Grid:
         resources=res,
         max_failures=max_failures,
         results=results,
+        max_trials=max_trials,
     )
+    if grid.n_trials > max_trials:
+        raise ld.fail(
+            "max_trials",
+            f"the grid has {grid.n_trials} trials, over the limit of {max_trials}; shrink an "
+            f"axis, or set max_trials: {grid.n_trials} if you mean it",
+        )
+    return grid

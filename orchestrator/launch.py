@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import gc
 import logging
 import math
 import os
@@ -29,16 +29,26 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 from slimsweep.orchestrator.grid import Grid, GridError
+from slimsweep.orchestrator.lease import Lease, holder
 from slimsweep.orchestrator.models import estimate_params, model_config
 from slimsweep.orchestrator.plan import bundles, expand, pending
-from slimsweep.orchestrator.store import Store, failure_result
+from slimsweep.orchestrator.store import (
+    Contents,
+    Store,
+    StoreUnavailable,
+    decode_record,
+    encode_record,
+    failure_result,
+    notice,
+)
 from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec, bundle_id, fuse_limit
 
 # run_trial's signature: (spec, *, on_epoch, resume_from) -> (result, epoch rows).
@@ -48,8 +58,10 @@ TrialFn = Callable[..., tuple[TrialResult, list[EpochRow]]]
 BundleFn = Callable[..., Any]
 
 RECORD_KEY = "slimsweep_record"
+TRIAL_KEY = "slimsweep_trial"  # an epoch report's trial id (a bundle reports for several)
 TUNE_DIR = "_tune"  # Tune's own state and checkpoints, under the grid's results root
 PROGRESS_EVERY_S = 2.0
+HEARTBEAT_S = 30.0  # the progress line repeats at least this often while trials run
 ADDRESS_PROBE_S = 5.0  # how long `--address` may take to answer before launch gives up
 
 # --- GPU packing ---------------------------------------------------------------------------
@@ -161,20 +173,6 @@ def _probe_cluster(ray: Any) -> Cluster:
 # --- the trainable (runs in a Ray worker) -------------------------------------------------
 
 
-def encode_record(result: TrialResult, epochs: list[EpochRow]) -> str:
-    return json.dumps(
-        {"result": dataclasses.asdict(result), "epochs": [dataclasses.asdict(e) for e in epochs]}
-    )
-
-
-def decode_record(text: str) -> tuple[TrialResult, list[EpochRow]]:
-    d = json.loads(text)
-    r = d["result"]
-    r["kept_layers"] = tuple(r["kept_layers"])
-    r["test_acc_per_class"] = tuple(r["test_acc_per_class"])
-    return TrialResult(**r), [EpochRow(**e) for e in d["epochs"]]
-
-
 def _default_trial_fn() -> TrialFn:
     from slimsweep.workers.run import run_trial
 
@@ -200,7 +198,12 @@ def run_one(
 
     def on_epoch(row: EpochRow, checkpoint_dir: str | None) -> None:
         nonlocal checkpoints
-        metrics = {"epoch": row.epoch, "train_loss": row.train_loss, "val_acc": row.val_acc}
+        metrics = {
+            "epoch": row.epoch,
+            "train_loss": row.train_loss,
+            "val_acc": row.val_acc,
+            TRIAL_KEY: row.trial_id,
+        }
         if checkpoint_dir and checkpoints:
             try:
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
@@ -214,16 +217,15 @@ def run_one(
     t0 = time.monotonic()
     reported: set[int] = set()
 
+    def failure(i: int, error: BaseException) -> tuple[TrialResult, list[EpochRow]]:
+        failed = failure_result(specs[i], error, started_at=started, wall_s=time.monotonic() - t0)
+        if len(specs) > 1:
+            failed = dataclasses.replace(failed, bundle_id=bundle_id(specs), bundle_size=len(specs))
+        return failed, []
+
     def report(i: int, outcome: tuple[TrialResult, list[EpochRow]] | BaseException) -> None:
         if isinstance(outcome, BaseException):
-            failed = failure_result(
-                specs[i], outcome, started_at=started, wall_s=time.monotonic() - t0
-            )
-            if len(specs) > 1:
-                failed = dataclasses.replace(
-                    failed, bundle_id=bundle_id(specs), bundle_size=len(specs)
-                )
-            outcome = (failed, [])
+            outcome = failure(i, outcome)
         reported.add(i)
         tune.report({RECORD_KEY: encode_record(*outcome)})
 
@@ -234,6 +236,8 @@ def run_one(
             for i in range(len(specs)):
                 if i not in reported:
                     report(i, e)
+        finally:
+            release_memory()
         return
     restored = tune.get_checkpoint()
     resume_dir = restored.to_directory() if restored else None
@@ -242,53 +246,126 @@ def run_one(
             specs[0], on_epoch=on_epoch, resume_from=resume_dir
         )
     except Exception as e:  # recorded as the trial's result; deterministic, so not retried
-        outcome = e
+        outcome = failure(0, e)  # the record, not the error: its frames hold the trial's tensors
     finally:
         if resume_dir:
             shutil.rmtree(resume_dir, ignore_errors=True)
+        release_memory()
     report(0, outcome)
+
+
+def release_memory() -> None:
+    """After a trial in a reused worker: free its tensors (reference cycles included) and
+    hand the CUDA cache back, so the next trial starts with the whole GPU share."""
+    gc.collect()
+    torch = sys.modules.get("torch")  # a stand-in trial may never have imported it
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # --- progress ------------------------------------------------------------------------------
 
 
+def expected_cost(spec: TrialSpec) -> float:
+    """A trial's relative cost for the ETA: parameters (1 per layer when the shape is
+    unknown) x epochs x training and validation examples. Only ratios between trials matter."""
+    cfg = model_config(spec.model.source)
+    params = estimate_params(cfg, spec.layers) if cfg and "vocab_size" in cfg else spec.layers
+    d = spec.data
+    train = d.train_size * (spec.task.n_classes if d.train_per_class else 1)
+    return float(params) * spec.train.epochs * (train + d.valid_size)
+
+
 @dataclass
 class Tally:
-    """Counts of this launch's trials and the durations of the finished ones."""
+    """This launch's trials by state (keyed by trial id) and what the finished ones took."""
 
-    total: int
+    costs: dict[str, float]  # every trial of this launch -> expected_cost
+    epochs: dict[str, int]  # -> its epoch budget (training.epochs)
     ok: int = 0
     failed: int = 0
     retries: int = 0
-    running: set[str] = field(default_factory=set)
-    durations: list[float] = field(default_factory=list)
+    unsent: int = 0  # records kept locally: the store did not take them
+    running: dict[str, int] = field(default_factory=dict)  # -> the last epoch it reported
+    waiting: set[str] = field(default_factory=set)  # lost a process or node; to be retried
+    finished: set[str] = field(default_factory=set)  # recorded, ok or failed, or kept locally
+    ok_s: float = 0.0  # wall seconds of the trials that finished ok ...
+    ok_cost: float = 0.0  # ... and their expected cost
     lanes: int = 1  # most trials seen running at once: the concurrency the ETA assumes
 
+    @classmethod
+    def of(cls, specs: list[TrialSpec]) -> Tally:
+        return cls(
+            costs={s.trial_id: expected_cost(s) for s in specs},
+            epochs={s.trial_id: s.train.epochs for s in specs},
+        )
+
+    @property
+    def total(self) -> int:
+        return len(self.costs)
+
     def start(self, trial: str) -> None:
-        self.running.add(trial)
+        self.waiting.discard(trial)
+        self.running.setdefault(trial, 0)
         self.lanes = max(self.lanes, len(self.running))
+
+    def epoch(self, trial: str, epoch: int) -> None:
+        if trial in self.running:
+            self.running[trial] = epoch
+
+    def retry(self, trial: str) -> None:
+        self.retries += 1
+        self.running.pop(trial, None)
+        self.waiting.add(trial)
+
+    def finish(self, trial: str, ok: bool, seconds: float, sent: bool = True) -> None:
+        """The trial's record arrived: ok or failed, or (`sent` False) kept locally because
+        the store did not take it."""
+        self.running.pop(trial, None)
+        self.waiting.discard(trial)
+        self.finished.add(trial)
+        self.ok += sent and ok
+        self.failed += sent and not ok
+        self.unsent += not sent
+        if ok:
+            self.ok_s += seconds
+            self.ok_cost += self.costs[trial]
 
     @property
     def pending(self) -> int:
-        return self.total - self.ok - self.failed - len(self.running)
+        return (
+            self.total - self.ok - self.failed - self.unsent - len(self.running) - len(self.waiting)
+        )
 
     def eta_s(self) -> float | None:
-        """Mean trial time x rounds left at the current concurrency; None before the first."""
-        if not self.durations:
+        """Seconds per unit of expected cost, as measured on the trials that finished ok, x
+        the cost left (a running trial's share by its epochs) / the concurrency; None before
+        the first trial finishes."""
+        if not self.ok_cost:
             return None
-        left = self.total - self.ok - self.failed
-        return sum(self.durations) / len(self.durations) * math.ceil(left / self.lanes)
+        left = sum(
+            cost * (1 - self.running.get(t, 0) / self.epochs[t])
+            for t, cost in self.costs.items()
+            if t not in self.finished
+        )
+        return self.ok_s / self.ok_cost * left / self.lanes
 
     def line(self) -> str:
         eta = self.eta_s()
+        shown = [f"{t[:8]} epoch {e}/{self.epochs[t]}" for t, e in list(self.running.items())[:4]]
+        if len(self.running) > len(shown):
+            shown.append(f"+{len(self.running) - len(shown)} more")
         parts = [
             f"done {self.ok}/{self.total}",
-            f"running {len(self.running)}",
-            f"failed {self.failed}",
-            f"pending {self.pending}",
+            f"running {len(self.running)}" + (f" ({', '.join(shown)})" if shown else ""),
         ]
+        if self.waiting:
+            parts.append(f"waiting for retry {len(self.waiting)}")
+        parts += [f"failed {self.failed}", f"pending {self.pending}"]
         if self.retries:
             parts.append(f"retried {self.retries}")
+        if self.unsent:
+            parts.append(f"kept locally {self.unsent}")
         parts.append("ETA " + (_duration(eta) if eta is not None else "?"))
         return " | ".join(parts)
 
@@ -298,77 +375,128 @@ def _duration(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def keep(
+    store: Store, record: TrialResult, epochs: list[EpochRow], echo: Callable[[str], None]
+) -> tuple[TrialResult, bool]:
+    """Record one trial's outcome without ever ending the launch: (what was recorded, whether
+    the store took it). A record the store cannot hold becomes the trial's failure (naming
+    the column); a store still away after the write retries leaves the record in a local
+    folder, named in one line, for the next launch to upload."""
+    try:
+        try:
+            store.record(record, epochs)
+        except StoreUnavailable:
+            raise
+        except Exception as e:  # a value Parquet cannot hold, say: this trial's failure only
+            record, epochs = failure_result(record.spec, e, started_at=record.started_at), []
+            store.record(record, epochs)
+        return record, True
+    except StoreUnavailable as e:
+        path = store.save_unsent(record, epochs)
+        echo(
+            f"trial {record.trial_id}: {e}; its record is kept in {path} and the next "
+            f"launch uploads it"
+        )
+        return record, False
+
+
 def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> Any:
     from ray import tune
 
     class Recorder(tune.Callback):
-        """Writes each trial's record to the store as it arrives; prints a progress line when
-        the counts have changed, at most every PROGRESS_EVERY_S (a reused actor starts its next
-        trial right after the last one ends: one line for both, not two)."""
+        """Writes each trial's record to the store as it arrives, with its attempt count;
+        prints a progress line when the counts have changed, at most every PROGRESS_EVERY_S (a
+        reused actor starts its next trial right after the last one ends: one line for both,
+        not two), and at least every HEARTBEAT_S while trials run."""
 
         def __init__(self) -> None:
-            self.started: dict[str, float] = {}
-            self.recorded: set[str] = set()
+            self.specs: dict[str, list[TrialSpec]] = {}  # Tune's trial id -> slimsweep's trials
+            self.started: dict[str, float] = {}  # slimsweep's trial id -> when it started
+            self.recoveries: dict[str, int] = {}  # Tune's trial id -> times it was retried
+            self.recorded: set[str] = set()  # slimsweep's trial ids
             self.last = ""
             self.shown_at = -math.inf
 
-        def _show(self) -> None:
+        def _specs(self, trial: Any) -> list[TrialSpec]:
+            """The slimsweep trials a Tune trial runs (one, or a fused bundle)."""
+            if trial.trial_id not in self.specs:
+                self.specs[trial.trial_id] = _specs(trial)
+            return self.specs[trial.trial_id]
+
+        def _ids(self, trial: Any) -> list[str]:
+            return [s.trial_id for s in self._specs(trial)]
+
+        def _show(self, force: bool = False) -> None:
             line = tally.line()
-            if line != self.last:
+            if line != self.last or force:
                 echo(time.strftime("%H:%M:%S ") + line)
                 self.last = line
                 self.shown_at = time.monotonic()
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-            if time.monotonic() - self.shown_at >= PROGRESS_EVERY_S:
-                self._show()
+            since = time.monotonic() - self.shown_at
+            if since >= PROGRESS_EVERY_S:
+                self._show(force=since >= HEARTBEAT_S and bool(tally.running))
 
         def on_experiment_end(self, trials: list, **info: Any) -> None:
             self._show()
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            for spec in _specs(trial):
-                if spec.trial_id not in self.recorded:
-                    tally.start(spec.trial_id)
-            self.started.setdefault(trial.trial_id, time.monotonic())
+            for tid in self._ids(trial):
+                if tid not in self.recorded:  # a retried bundle: only its unrecorded trials
+                    tally.start(tid)
+                    self.started.setdefault(tid, time.monotonic())
 
         def on_trial_result(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
         ) -> None:
+            ids = self._ids(trial)
             if RECORD_KEY not in result:
+                if isinstance(result.get("epoch"), int):
+                    tally.epoch(result.get(TRIAL_KEY, ids[0]), result["epoch"])
                 return
-            record, epochs = decode_record(result[RECORD_KEY])
-            if record.status == "ok":
-                store.write_result(record, epochs)
-            else:
-                store.write_failure(record)
+            try:
+                record, epochs = decode_record(result[RECORD_KEY])
+            except (ValueError, TypeError, KeyError) as e:  # not from run_one: a bug, recorded
+                specs = self._specs(trial)
+                spec = next((s for s in specs if s.trial_id not in self.recorded), specs[0])
+                record, epochs = failure_result(spec, e), []
+            attempt = 1 + self.recoveries.get(trial.trial_id, 0)
+            record, sent = keep(store, dataclasses.replace(record, attempt=attempt), epochs, echo)
+            if record.status != "ok":
                 error = f"{record.error_type}: {record.error_message}".splitlines()[0]
                 echo(f"trial {record.trial_id} failed: {error}")
             # A trial retried after its record arrived (its node went right after) reports
             # again: the store file is replaced, the counts must not grow.
-            if record.trial_id not in self.recorded:
-                self.recorded.add(record.trial_id)
-                tally.ok += record.status == "ok"
-                tally.failed += record.status != "ok"
-                start = self.started.get(trial.trial_id, time.monotonic())
-                tally.durations.append(time.monotonic() - start)
-            tally.running.discard(record.trial_id)
+            tid = record.trial_id
+            if tid not in self.recorded:
+                self.recorded.add(tid)
+                took = time.monotonic() - self.started.get(tid, time.monotonic())
+                tally.finish(tid, record.status == "ok", took, sent)
 
         def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            tally.retries += 1
+            self.recoveries[trial.trial_id] = self.recoveries.get(trial.trial_id, 0) + 1
+            for tid in self._ids(trial):
+                if tid not in self.recorded:  # a bundle reruns only its unrecorded trials
+                    tally.retry(tid)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             """Out of retries (process or node lost max_failures + 1 times): every trial of
             it without a record fails with Ray's error."""
+            specs = self._specs(trial)
             error = _trial_error(trial)
             first = f"{type(error).__name__}: {error}".splitlines()[0]
-            for spec in _specs(trial):
-                tally.running.discard(spec.trial_id)
+            attempt = 1 + self.recoveries.get(trial.trial_id, 0)
+            bundle = {"bundle_id": bundle_id(specs), "bundle_size": len(specs)}
+            for spec in specs:
                 if spec.trial_id in self.recorded:
                     continue
                 self.recorded.add(spec.trial_id)
-                store.write_failure(failure_result(spec, error))
-                tally.failed += 1
+                failed = dataclasses.replace(failure_result(spec, error), attempt=attempt)
+                if len(specs) > 1:
+                    failed = dataclasses.replace(failed, **bundle)
+                _, sent = keep(store, failed, [], echo)
+                tally.finish(spec.trial_id, False, 0.0, sent)
                 echo(f"trial {spec.trial_id} failed: {first}")
 
     return Recorder()
@@ -418,6 +546,8 @@ class LaunchSummary:
     ok: int = 0
     failed: int = 0
     retries: int = 0
+    unsent: int = 0  # finished trials whose records the store did not take (kept locally)
+    unsent_dir: str = ""
     dry_run: bool = False
 
     @property
@@ -432,16 +562,15 @@ class LaunchSummary:
 
 def plan_launch(
     grid: Grid, store: Store, resume: bool
-) -> tuple[list[TrialSpec], list[TrialSpec], set[str]]:
-    """(to run, earlier failures skipped, done ids): the grid minus the store's results and,
-    without `resume`, minus its failures."""
+) -> tuple[list[TrialSpec], list[TrialSpec], Contents]:
+    """(to run, earlier failures skipped, the store's contents): the grid minus the store's
+    done trials and, without `resume`, minus its failures. Damaged trials are not done."""
     specs = expand(grid)
-    done = store.done_ids()
-    todo = pending(specs, done)
-    failed = store.failed_ids()
-    skipped = [] if resume else [s for s in todo if s.trial_id in failed]
+    contents = store.scan()
+    todo = pending(specs, contents.done)
+    skipped = [] if resume else [s for s in todo if s.trial_id in contents.failed]
     skip = {s.trial_id for s in skipped}
-    return [s for s in todo if s.trial_id not in skip], skipped, done
+    return [s for s in todo if s.trial_id not in skip], skipped, contents
 
 
 def launch(
@@ -458,42 +587,94 @@ def launch(
 ) -> LaunchSummary:
     """Run the grid's missing trials on Ray Tune; results land in `results_root` (the grid's
     own folder or URI). `trial_fn` replaces `workers.run.run_trial`, `bundle_fn`
-    `workers.run.run_bundle` (same signatures)."""
+    `workers.run.run_bundle` (same signatures).
+
+    Before Ray starts: the store must answer (GridError otherwise), this launch takes the
+    store's lease (GridError naming the live launch holding it), deletes what dead launches
+    left in `_tune/`, and uploads the records an earlier launch kept locally. A dry run does
+    none of these (it only reads)."""
     store = Store(results_root)
-    to_run, skipped, done = plan_launch(grid, store, resume)
-    ids = {s.trial_id for s in expand(grid)}
-    total = len(ids)
-    summary = LaunchSummary(
-        grid=grid.name,
-        results=store.uri,
-        total=total,
-        done_before=len(done & ids),
-        failed_before_skipped=len(skipped),
-        to_run=tuple(s.trial_id for s in to_run),
-        dry_run=dry_run,
-    )
-    echo(
-        f"grid '{grid.name}': {total} trials, {summary.done_before} done, "
-        f"{len(to_run)} to run; results in {store.uri}"
-    )
-    if skipped:
-        echo(
-            f"{len(skipped)} trials failed earlier and are not rerun; see `slimsweep status "
-            f"{grid.path}`, fix the cause, then `slimsweep launch {grid.path} --resume`"
+    store.check()
+    with contextlib.ExitStack() as held:
+        if not dry_run:
+            held.enter_context(Lease.acquire(store))
+            _remove_leftovers(store, echo)
+            _upload_unsent(store, echo)
+        to_run, skipped, contents = plan_launch(grid, store, resume)
+        ids = {s.trial_id for s in expand(grid)}
+        summary = LaunchSummary(
+            grid=grid.name,
+            results=store.uri,
+            total=len(ids),
+            done_before=len(contents.done & ids),
+            failed_before_skipped=len(skipped),
+            to_run=tuple(s.trial_id for s in to_run),
+            dry_run=dry_run,
         )
-    if dry_run:
-        for s in to_run:
-            axes = s.axes()
+        echo(
+            f"grid '{grid.name}': {summary.total} trials, {summary.done_before} done, "
+            f"{len(to_run)} to run; results in {store.uri}"
+        )
+        if skipped:
             echo(
-                f"  would run {s.trial_id}  {axes['model']} layers={axes['layers']} "
-                f"{axes['task']} {axes['head']} seed={axes['seed']}"
+                f"{len(skipped)} trials failed earlier and are not rerun (`--resume` reruns "
+                f"them; `slimsweep status` shows their errors)"
             )
-        return summary
-    if not to_run:
-        echo("nothing to run")
-        return summary
-    tally = _run_tune(grid, store, to_run, address, max_concurrent, echo, trial_fn, bundle_fn)
-    return dataclasses.replace(summary, ok=tally.ok, failed=tally.failed, retries=tally.retries)
+        if dry_run:
+            _dry_run_notes(store, to_run, echo)
+            return summary
+        if not to_run:
+            echo("nothing to run")
+            return summary
+        tally = _run_tune(grid, store, to_run, address, max_concurrent, echo, trial_fn, bundle_fn)
+        return dataclasses.replace(
+            summary,
+            ok=tally.ok,
+            failed=tally.failed,
+            retries=tally.retries,
+            unsent=tally.unsent,
+            unsent_dir=str(store.unsent_dir()) if tally.unsent else "",
+        )
+
+
+def _dry_run_notes(store: Store, to_run: list[TrialSpec], echo: Callable[[str], None]) -> None:
+    for s in to_run:
+        axes = s.axes()
+        echo(
+            f"  would run {s.trial_id}  {axes['model']} layers={axes['layers']} "
+            f"{axes['task']} {axes['head']} seed={axes['seed']}"
+        )
+    if unsent := store.unsent():
+        echo(
+            f"{len(unsent)} finished trials wait in {store.unsent_dir()}; a launch uploads them "
+            f"first (and does not run them)"
+        )
+    if running := holder(store):
+        echo(f"a launch of this grid is running ({running.describe()}); a launch now would refuse")
+
+
+def _remove_leftovers(store: Store, echo: Callable[[str], None]) -> None:
+    """Delete the Tune experiments under `_tune/`: with the lease held, no live launch owns
+    them (a launch killed before its end leaves its experiment there)."""
+    selector = pafs.FileSelector(f"{store.root}/{TUNE_DIR}", allow_not_found=True)
+    left = [i.path for i in store.fs.get_file_info(selector) if i.type == pafs.FileType.Directory]
+    for path in left:
+        with contextlib.suppress(FileNotFoundError):
+            store.fs.delete_dir(path)
+    if left:
+        names = ", ".join(p.rsplit("/", 1)[1] for p in left)
+        echo(f"removed {len(left)} Tune folder(s) a stopped launch left in {TUNE_DIR}/: {names}")
+
+
+def _upload_unsent(store: Store, echo: Callable[[str], None]) -> None:
+    try:
+        n = store.upload_unsent()
+    except StoreUnavailable as e:
+        raise GridError(f"{e}; the records stay in {store.unsent_dir()}") from None
+    if n:
+        echo(
+            f"uploaded {n} finished trial record(s) an earlier launch kept in {store.unsent_dir()}"
+        )
 
 
 def check_address(address: str) -> None:
@@ -525,13 +706,17 @@ def check_address(address: str) -> None:
         ) from e
 
 
-def _connect(address: str | None) -> tuple[Any, bool]:
+def _connect(address: str | None, echo: Callable[[str], None]) -> tuple[Any, bool]:
     """(ray, whether we started it). Without an address: reuse a running Ray of this process,
-    or start a local one sized to the machine."""
+    or start a private local one sized to the machine, even where RAY_ADDRESS is set or
+    `ray start` has run (joining a cluster is what --address is for)."""
     import ray
 
     if ray.is_initialized():
         return ray, False
+    # The driver's Ray core (C++) prints warnings and state dumps to the terminal when a node
+    # goes; errors only (all of it stays in the session logs).
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     if address:
         check_address(address)
         try:
@@ -543,17 +728,34 @@ def _connect(address: str | None) -> tuple[Any, bool]:
                 f"(or leave --address out to run on a local Ray)"
             ) from e
         return ray, True
+    running = _running_ray()
+    if running:
+        echo(
+            f"note: {running}; this launch runs on its own local Ray (to use that cluster: "
+            f"--address auto)"
+        )
     # A head started here serves only this process: no token needed (Ray >= 2.5x asks one).
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Workers must not re-resolve the environment through `uv run` (no network here, often).
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     ray.init(
+        address="local",  # a new Ray: never RAY_ADDRESS's or `ray start`'s
         num_cpus=os.cpu_count() or 1,
         include_dashboard=False,
         log_to_driver=False,
         logging_level=logging.WARNING,
     )
     return ray, True
+
+
+def _running_ray() -> str:
+    """What a plain `ray.init()` would join instead of starting a Ray; "" when nothing."""
+    if os.environ.get("RAY_ADDRESS"):
+        return f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set"
+    from ray._private.services import find_bootstrap_address
+
+    found = find_bootstrap_address(None)  # the address `ray start` wrote on this machine
+    return f"a Ray started with `ray start` runs here ({found})" if found else ""
 
 
 def _run_tune(
@@ -566,7 +768,7 @@ def _run_tune(
     trial_fn: TrialFn | None,
     bundle_fn: BundleFn | None,
 ) -> Tally:
-    ray, started = _connect(address)
+    ray, started = _connect(address, echo)
     try:
         cluster = _probe_cluster(ray)
         resources = trial_resources(grid, specs, cluster, lambda m: echo(f"warning: {m}"))
@@ -584,9 +786,9 @@ def _run_tune(
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         from ray import tune
 
-        tally = Tally(total=len(specs))
+        tally = Tally.of(specs)
         name = f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        storage = _tune_storage(store)
+        storage = f"{store.root}/{TUNE_DIR}"
         run = tune.with_parameters(run_one, trial_fn=trial_fn, bundle_fn=bundle_fn)
         trainable = tune.with_resources(run, resources)
         tuner = tune.Tuner(
@@ -604,6 +806,9 @@ def _run_tune(
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=storage,
+                # On an object store Tune uses the store's own file system, so an endpoint
+                # given in the URI (?endpoint_override=...) reaches Tune and every worker.
+                storage_filesystem=None if isinstance(store.fs, pafs.LocalFileSystem) else store.fs,
                 verbose=0,
                 failure_config=tune.FailureConfig(max_failures=grid.max_failures),
                 # The latest epoch is all a restart needs; older ones only fill the disk.
@@ -611,20 +816,42 @@ def _run_tune(
                 callbacks=[_make_callback(store, tally, echo)],
             ),
         )
-        # Tune logs each lost trial with a traceback; the progress lines and the store carry
-        # the error instead (`slimsweep status`).
-        tune_log = logging.getLogger("ray.tune")
-        level = tune_log.level
-        tune_log.setLevel(logging.CRITICAL)
         try:
-            tuner.fit()
-        finally:
-            tune_log.setLevel(level)
-        _remove_tune_state(store, storage, name)
+            with _quiet_ray():
+                tuner.fit()
+        except OSError as e:  # Tune's storage (the store) went away; its records are handled
+            first = (str(e).strip() or type(e).__name__).splitlines()[0]
+            echo(
+                f"warning: Tune lost its storage in {store.uri} ({first}); every record that "
+                f"arrived is recorded or kept locally, and the next launch runs what is missing"
+            )
+        # Never read again (resume works from the store); if the store is away now, the next
+        # launch removes it (_remove_leftovers).
+        with contextlib.suppress(OSError):
+            store.fs.delete_dir(f"{storage}/{name}")
         return tally
     finally:
         if started:
             ray.shutdown()
+
+
+# Loggers quieted while Tune runs: Tune logs each lost trial with a traceback and Ray warns
+# (in colour) about dead workers and nodes; the progress lines and the store carry the error
+# instead (`slimsweep status`), and Ray's own logs keep everything on disk.
+QUIET_LOGGERS = {"ray.tune": logging.CRITICAL, "ray": logging.ERROR}
+
+
+@contextlib.contextmanager
+def _quiet_ray() -> Iterator[None]:
+    loggers = {name: logging.getLogger(name) for name in QUIET_LOGGERS}
+    levels = {name: log.level for name, log in loggers.items()}
+    for name, log in loggers.items():
+        log.setLevel(QUIET_LOGGERS[name])
+    try:
+        yield
+    finally:
+        for name, log in loggers.items():
+            log.setLevel(levels[name])
 
 
 def _trial_name(trial: Any) -> str:
@@ -634,25 +861,6 @@ def _trial_name(trial: Any) -> str:
 
 def _fmt(resources: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in resources.items())
-
-
-def _tune_storage(store: Store) -> str:
-    """Tune's checkpoints live next to the results: on an object store every node reaches
-    them; a local root serves one machine (or a shared mount)."""
-    if "://" in store.uri and not store.uri.startswith("file://"):
-        return f"{store.uri.rstrip('/')}/{TUNE_DIR}"
-    return f"{store.root}/{TUNE_DIR}"
-
-
-def _remove_tune_state(store: Store, storage: str, name: str) -> None:
-    """Tune's experiment state is never read again (resume works from the store)."""
-    if "://" in storage:
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(f"{storage}/{name}")
-        fs.delete_dir(path)
-    else:
-        shutil.rmtree(f"{storage}/{name}", ignore_errors=True)
 
 
 # --- status --------------------------------------------------------------------------------
@@ -665,7 +873,12 @@ class Status:
     total: int
     done: int
     failures: tuple[tuple[str, str], ...]  # (trial id, one error line) of the grid's trials
-    missing: int  # neither done nor failed
+    damaged: tuple[tuple[str, str], ...]  # (trial id, what is wrong with its files): rerun
+    missing: int  # neither done nor failed (damaged included)
+    ignored: str | None  # one line naming the other files the store ignored
+    unsent: int  # finished trials whose records wait locally for the next launch to upload
+    unsent_dir: str
+    running: str | None  # the launch holding the store's lease, if one is running
 
     @property
     def exit_code(self) -> int:
@@ -674,19 +887,28 @@ class Status:
 
 def status(grid: Grid, results_root: str) -> Status:
     store = Store(results_root)
+    contents = store.scan(notify=False)  # status names what it ignored itself
     ids = {s.trial_id for s in expand(grid)}
-    done = store.done_ids() & ids
-    failures = store.read_failures()
+    done = contents.done & ids
+    failures = contents.failures.to_pandas()
     failures = failures[failures.trial_id.isin(ids)]
     lines = tuple(
         (r.trial_id, f"{r.error_type}: {r.error_message}".splitlines()[0])
         for r in failures.itertuples()
     )
+    damaged = tuple((i, r) for i, r in contents.damaged.items() if i in ids)
+    others = [i for i in contents.ignored if i.trial_id not in dict(damaged)]
+    running = holder(store)
     return Status(
         grid=grid.name,
         results=store.uri,
         total=len(ids),
         done=len(done),
         failures=lines,
+        damaged=damaged,
         missing=len(ids) - len(done) - len(lines),
+        ignored=notice(store.uri, others),
+        unsent=len(store.unsent()),
+        unsent_dir=str(store.unsent_dir()),
+        running=running.describe() if running else None,
     )

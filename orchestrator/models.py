@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from slimsweep.workers.spec import PKG_PREFIX
+from slimsweep.workers.spec import PKG_PREFIX, cut
 
 _GPT2 = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024}
 _OPT = {"model_type": "opt", "vocab_size": 50272, "max_position_embeddings": 2048}
@@ -95,10 +95,20 @@ GATED_MLP = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}  #
 
 def model_config(source: str) -> dict[str, Any] | None:
     """A model's config.json fields: its local folder's file, else the built-in table; None
-    when neither knows the model."""
+    when neither knows the model. ValueError when the local file is not a JSON object."""
     path = Path(source) / "config.json"
-    if not source.startswith(PKG_PREFIX) and path.is_file():
-        return json.loads(path.read_text())
+    try:
+        local = not source.startswith(PKG_PREFIX) and path.is_file()
+    except (OSError, ValueError):  # not a name a file can have: a hub id, or nothing
+        local = False
+    if local:
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable JSON file ({cut(str(e))})") from e
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path} holds {type(cfg).__name__}, not a JSON object")
+        return cfg
     return KNOWN_CONFIGS.get(source)
 
 

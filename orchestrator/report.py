@@ -34,9 +34,7 @@ from slimsweep.orchestrator.results import (
     METRICS,
     aggregate,
     display_rows,
-    load_epochs,
-    load_failures,
-    load_results,
+    load_rows,
     markdown_table,
     no_results,
     notes,
@@ -335,12 +333,12 @@ def report_blocks(
     grid: Grid, results: str, *, compare: bool = False, metric: str = "test_acc"
 ) -> tuple[list[Block], dict[str, bytes]]:
     """The report's content: blocks of text and tables, and PNG images by file name."""
-    stored = load_results(results, grid.name)
-    trials = planned(stored, grid)
-    failures = planned(load_failures(results, grid.name), grid)
+    stored = load_rows(results, grid.name)
+    trials = planned(stored.trials, grid)
+    failures = planned(stored.failures, grid)
     if trials.empty and failures.empty:
         raise no_results(grid, results)
-    epochs = load_epochs(results, grid.name)
+    epochs = stored.epochs
     epochs = epochs[epochs["trial_id"].isin(set(trials["trial_id"]))]
     label = METRICS[metric].label
     cells = aggregate(trials, metric, grid=grid, compare=compare)
@@ -405,7 +403,7 @@ def report_blocks(
     else:
         header = ["head", "model", "layers", "task", "seed", "trial", "error", "message"]
         blocks.append(_table(header, failure_rows(failures)))
-    stale = len(stored) - len(trials)
+    stale = len(stored.trials) - len(trials)
     blocks += [
         Block("h2", "Provenance"),
         _table(["", ""], provenance(grid, results, trials, stale)),

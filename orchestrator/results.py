@@ -3,7 +3,8 @@ and SQL over it all.
 
 Aggregation is a set of pure functions over the trial rows (`orchestrator.store` columns):
 
-    load_results(results, grid)   trial rows of one grid (or every grid under a results root)
+    load_rows(results, grid)      trials, epochs, failures of one grid (or of every grid under a
+                                  results root), each trial once
     aggregate(df, metric, ...)    one row per cell: head x model x layers x task (and "average")
     paper_table(df, metric, ...)  the paper's shape: one wide table per head
     render(cells, fmt)            markdown | csv | json | latex
@@ -21,8 +22,11 @@ the same tasks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shlex
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +43,11 @@ from slimsweep.orchestrator.store import (
     EPOCHS_SCHEMA,
     SPEC_COLUMNS,
     TRIALS_SCHEMA,
+    Ignored,
     Store,
+    StoreWarning,
+    join,
+    notice,
 )
 from slimsweep.workers.spec import HEADS, TrialSpec
 
@@ -79,45 +87,104 @@ MAJORITY = "majority class"  # the label of the baseline row in the human tables
 # --- loading -------------------------------------------------------------------------------
 
 
-def grid_stores(results: str, grid: str | None = None) -> list[Store]:
-    """The store of one grid (`<results>/<grid>`), or of every grid folder under `results`."""
-    base = results.rstrip("/")
+def grid_stores(results: str, grid: str | None = None) -> dict[str, Store]:
+    """{grid folder name: its store}: of one grid (`<results>/<grid>`), or of every grid
+    folder under `results`."""
     if grid is not None:
-        return [Store(f"{base}/{grid}")]
-    root = Store(base)
+        return {grid: Store(join(results, grid))}
+    root = Store(results)
+    root.check()
     infos = root.fs.get_file_info(pafs.FileSelector(root.root, allow_not_found=True))
     names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
-    return [Store(f"{base}/{n}") for n in names]
+    return {n: Store(join(results, n)) for n in names}
 
 
-def _concat(frames: Iterable[pd.DataFrame], schema: pa.Schema) -> pd.DataFrame:
-    kept = [f for f in frames if not f.empty]
-    if not kept:
-        return schema.remove_metadata().empty_table().to_pandas()
-    return pd.concat(kept, ignore_index=True)
+@dataclass(frozen=True)
+class Rows:
+    """The rows of one grid or of every grid under a results root (see `load_rows`)."""
+
+    trials: pd.DataFrame  # one row per finished trial
+    epochs: pd.DataFrame  # the finished trials' epoch rows
+    failures: pd.DataFrame  # failure rows of trials that have not succeeded since
+
+
+def load_rows(results: str, grid: str | None = None) -> Rows:
+    """Trials, epochs and failures of grid `grid` under the results root `results` (a folder
+    or a pyarrow.fs URI), or of every grid there, in one read of each store. Each trial id of
+    a grid counts once: in a store (see `Store.scan`) and across grid folders, where a copied
+    folder's rows (their `grid` column names another folder that holds them too) are left
+    out. What was left out is named once, in one StoreWarning line."""
+    stores = grid_stores(results, grid)
+    scanned = {name: store.scan(notify=False) for name, store in stores.items()}
+    prefix = (lambda _: "") if grid is not None else (lambda name: f"{name}/")
+    ignored = [
+        dataclasses.replace(i, path=prefix(name) + i.path)
+        for name, c in scanned.items()
+        for i in c.ignored
+    ]
+
+    def frame(kind: str, schema: pa.Schema) -> pd.DataFrame:
+        tables = [getattr(c, kind) for c in scanned.values()]
+        df = pa.concat_tables([schema.remove_metadata().empty_table(), *tables]).to_pandas()
+        folders = [name for name, c in scanned.items() for _ in range(getattr(c, kind).num_rows)]
+        return df.assign(_folder=pd.Series(folders, dtype="object"))
+
+    trials = frame("trials", TRIALS_SCHEMA)
+    epochs = frame("epochs", EPOCHS_SCHEMA)
+    failures = frame("failures", TRIALS_SCHEMA)
+    # A (grid, trial id) seen in two folders: keep the folder named after the grid.
+    trials = trials.sort_values("_folder", key=lambda f: f != trials["grid"], kind="stable")
+    copies = trials.duplicated(["grid", "trial_id"])
+    dropped = trials[copies]
+    ignored += [
+        Ignored(f"{folder}/trials/{trial_id}.parquet", f"a copy of grid '{g}''s trial")
+        for folder, trial_id, g in zip(
+            dropped["_folder"], dropped["trial_id"], dropped["grid"], strict=True
+        )
+    ]
+    trials = trials[~copies].sort_index()
+    kept = set(zip(trials["_folder"], trials["trial_id"], strict=True))
+    epochs = epochs[_pairs(epochs, "_folder").isin(kept)]
+    done = set(zip(trials["grid"], trials["trial_id"], strict=True))
+    failures = failures[~_pairs(failures, "grid").isin(done)]
+    failures = failures.drop_duplicates(["grid", "trial_id"])
+    where = stores[grid].uri if grid is not None else results
+    damaged = sum(len(c.damaged) for c in scanned.values())
+    if line := notice(where, ignored, damaged):
+        warnings.warn(line, StoreWarning, stacklevel=2)
+    return Rows(
+        trials=trials.drop(columns="_folder").reset_index(drop=True),
+        epochs=epochs.drop(columns="_folder").reset_index(drop=True),
+        failures=failures.drop(columns="_folder").reset_index(drop=True),
+    )
+
+
+def _pairs(df: pd.DataFrame, key: str) -> pd.Series:
+    """(df[key], trial_id) per row, for membership tests."""
+    return pd.Series(list(zip(df[key], df["trial_id"], strict=True)), index=df.index, dtype=object)
 
 
 def load_results(results: str, grid: str | None = None) -> pd.DataFrame:
-    """Finished trials (one row each) of grid `grid` under the results root `results` (a folder
-    or a pyarrow.fs URI), or of every grid there. Files being written are invisible (temporary
-    names) and unreadable files are skipped with a warning (see `Store`)."""
-    return _concat((s.read_trials() for s in grid_stores(results, grid)), TRIALS_SCHEMA)
+    """Finished trials (one row each): `load_rows(...).trials`."""
+    return load_rows(results, grid).trials
 
 
 def load_epochs(results: str, grid: str | None = None) -> pd.DataFrame:
-    """Epoch rows (trial_id, epoch, train_loss, val_acc, wall_s and the axes), as above."""
-    return _concat((s.read_epochs() for s in grid_stores(results, grid)), EPOCHS_SCHEMA)
+    """Epoch rows (trial_id, epoch, train_loss, val_acc, wall_s and the axes) of finished
+    trials: `load_rows(...).epochs`."""
+    return load_rows(results, grid).epochs
 
 
 def load_failures(results: str, grid: str | None = None) -> pd.DataFrame:
-    """Failure rows of trials that have not succeeded since, as above."""
-    return _concat((s.read_failures() for s in grid_stores(results, grid)), TRIALS_SCHEMA)
+    """Failure rows of trials that have not succeeded since: `load_rows(...).failures`."""
+    return load_rows(results, grid).failures
 
 
 def no_results(grid: Grid, results: str) -> GridError:
+    command = shlex.join(["slimsweep", "launch", grid.path, "--results", results])
     return GridError(
-        f"no results for grid '{grid.name}' in {results.rstrip('/')}/{grid.name}; "
-        f"run them with `slimsweep launch {grid.path}`"
+        f"no results for grid '{grid.name}' in {join(results, grid.name)}; run them with "
+        f"`{command}`"
     )
 
 
@@ -716,17 +783,23 @@ def render(cells: pd.DataFrame, fmt: str = "markdown", metric: str = "test_acc")
 
 def connect(results: str, grid: str | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with tables `trials`, `epochs` and `failed` (the store's rows,
-    read through the store, so local folders and object-store URIs behave the same)."""
+    read through the store, so local folders and object-store URIs behave the same), and
+    nothing else: it reaches no file, URL or extension (COPY ... TO, EXPORT DATABASE,
+    ATTACH of a file, read_csv, INSTALL/LOAD fail), and that setting is locked."""
     con = duckdb.connect()
+    rows = load_rows(results, grid)
     sources = {
-        "trials": (load_results(results, grid), TRIALS_SCHEMA),
-        "epochs": (load_epochs(results, grid), EPOCHS_SCHEMA),
-        "failed": (load_failures(results, grid), TRIALS_SCHEMA),
+        "trials": (rows.trials, TRIALS_SCHEMA),
+        "epochs": (rows.epochs, EPOCHS_SCHEMA),
+        "failed": (rows.failures, TRIALS_SCHEMA),
     }
     for name, (df, schema) in sources.items():
         # Through Arrow with the store's schema, so empty tables keep their column types.
         table = pa.Table.from_pandas(df, schema=schema.remove_metadata(), preserve_index=False)
         con.register(name, table)
+    # A read-only window on the results: DuckDB's own switches, not a parse of the SQL.
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con
 
 

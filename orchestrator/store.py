@@ -1,7 +1,7 @@
 """The result store: the Parquet schema (the one place it is defined) and atomic per-trial files.
 
 Layout under a root (`RESULTS/<grid name>`, a local folder or a `pyarrow.fs` URI such as
-s3://bucket/sweeps/paper):
+s3://bucket/sweeps/paper or s3://bucket/sweeps?endpoint_override=http://minio:9000):
 
     trials/<trial_id>.parquet   one row: the finished trial (TrialResult + axes + spec columns)
     epochs/<trial_id>.parquet   its epoch rows (possibly none)
@@ -10,42 +10,59 @@ s3://bucket/sweeps/paper):
 Each file is written under a temporary name (`<name>.tmp-<uuid>`) and then moved to its final
 name, so a reader sees either the whole file or none of it; a rewrite of the same trial_id
 replaces the file, so a trial can never have two rows. The epochs file is written before the
-trial row, so a trial row implies its epochs exist. Failures live apart from successes, so the
-done set is a directory listing of successes, and a later success deletes the failure file.
+trial row. Failures live apart from successes, and a later success deletes the failure file.
+A write that fails for want of the store (an outage, a network error) is retried with backoff;
+if the store stays away, the caller keeps the record locally (`save_unsent`) and the next
+launch uploads it (`upload_unsent`).
 
-Readers go through `pyarrow.dataset` with the explicit schemas below: files written by an
-older schema version read with nulls in the columns they lack. A file that cannot be read is
-skipped with a warning naming it, and its trial counts as missing, so resume reruns it.
+A file is a fact about the trial id in its name, so readers (`Store.scan`) take only files
+named `<trial id>.parquet` that read whole, in their folder's schema, with that trial id in
+every row (one row for trials/ and failed/, with status ok and failed).
+Anything else (a `<id>-backup.parquet` copy, a stray file, a truncated or foreign file) is
+ignored and named once, in one line (`StoreWarning`). A trial is done when both its trial
+row and its epochs file read; a trial whose files are damaged is not done, so the next
+launch reruns it and its rewrite replaces them. Files written by an older schema version
+read with nulls in the columns they lack.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
 import traceback
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from slimsweep.orchestrator.grid import GridError
 from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec
 
 # Bump when a column changes meaning or type; adding a nullable column needs no bump.
 SCHEMA_VERSION = 1
 
 TRIALS, EPOCHS, FAILED = "trials", "epochs", "failed"
+KINDS = (TRIALS, EPOCHS, FAILED)
 TMP_MARK = ".tmp-"
+TRIAL_ID = re.compile(r"[0-9a-f]{16}")  # TrialSpec.trial_id: 16 hex digits
 # Lines of a failure's traceback kept in the record: the tail names where it was raised.
 TRACEBACK_LINES = 30
-
+# Seconds to wait before each retry of a failed store write (about 30 s in all).
+WRITE_RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+NAMED_IN_A_LINE = 3  # ignored files named in the one-line notice; the rest are counted
 # TrialResult, field by field.
 RESULT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("trial_id", pa.string(), nullable=False),
@@ -162,6 +179,27 @@ EPOCHS_SCHEMA = pa.schema(
 
 _SCHEMAS = {TRIALS: TRIALS_SCHEMA, EPOCHS: EPOCHS_SCHEMA, FAILED: TRIALS_SCHEMA}
 
+# Reading drops the schema metadata so files written by other versions unify cleanly.
+_SCHEMA_FOR_READ = {k: s.remove_metadata() for k, s in _SCHEMAS.items()}
+_STATUS_OF = {TRIALS: "ok", FAILED: "failed"}  # the status every row of the folder has
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")  # URIs whose first path component is a bucket
+# What pyarrow raises for a value its column type cannot hold.
+_CONVERSION_ERRORS = (pa.ArrowException, OverflowError, TypeError, ValueError)
+
+
+class StoreWarning(UserWarning):
+    """The files a reader ignored, in one line."""
+
+
+class StoreUnavailable(Exception):
+    """A store write still failed after its retries (the store is down or unreachable)."""
+
+
+def join(base: str, *parts: str) -> str:
+    """`base/part/...`; a URI's query string (`?endpoint_override=...`) stays at the end."""
+    path, sep, query = base.partition("?") if "://" in base else (base, "", "")
+    return "/".join([path.rstrip("/"), *parts]) + sep + query
+
 
 def trial_row(result: TrialResult, written_at: datetime) -> dict[str, Any]:
     """One TRIALS_SCHEMA row: the result's fields, its spec's axes and spec columns."""
@@ -203,19 +241,122 @@ def failure_result(
     )
 
 
+def encode_record(result: TrialResult, epochs: list[EpochRow]) -> str:
+    """A trial's record (result and epoch rows) as JSON: what a trial sends the driver, and
+    what waits locally when the store cannot take it."""
+    return json.dumps(
+        {"result": dataclasses.asdict(result), "epochs": [dataclasses.asdict(e) for e in epochs]}
+    )
+
+
+def decode_record(text: str) -> tuple[TrialResult, list[EpochRow]]:
+    d = json.loads(text)
+    r = d["result"]
+    r["kept_layers"] = tuple(r["kept_layers"])
+    r["test_acc_per_class"] = tuple(r["test_acc_per_class"])
+    return TrialResult(**r), [EpochRow(**e) for e in d["epochs"]]
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
+
+
+def _short(e: BaseException, path: str) -> str:
+    """A read error's first sentence without the file's path (the notice names the file)."""
+    text = _first_line(e).replace(f"'{path}': ", "").replace(path, "")
+    return text.split(". ")[0].removeprefix("Could not open Parquet input source ")
+
+
+def _table(rows: list[dict], schema: pa.Schema, *, lenient: bool = False) -> pa.Table:
+    """Rows as a table of the schema; a ValueError names a column that cannot hold its value.
+    Lenient (failure records): such a column is left null, so the failure is still recorded."""
+    try:
+        return pa.Table.from_pylist(rows, schema=schema)
+    except _CONVERSION_ERRORS as e:
+        error = e
+    columns = []
+    for f in schema:
+        values = [r.get(f.name) for r in rows]
+        try:
+            columns.append(pa.array(values, f.type))
+        except _CONVERSION_ERRORS as e:
+            if not lenient:
+                bad = next((v for v in values if v is not None), None)
+                raise ValueError(
+                    f"column {f.name} cannot hold {repr(bad)[:60]} ({f.type}: {_first_line(e)})"
+                ) from e
+            columns.append(pa.nulls(len(rows), f.type))
+    if not lenient:
+        raise error
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+@dataclass(frozen=True)
+class Ignored:
+    path: str  # relative to the store root, e.g. trials/<id>-backup.parquet
+    reason: str
+    trial_id: str = ""  # the trial the file is named after, when it is named after one
+
+
+def notice(where: str, ignored: Sequence[Ignored], damaged: int = 0) -> str | None:
+    """One line naming what was ignored (the first few files), or None."""
+    if not ignored:
+        return None
+    named = "; ".join(f"{i.path} ({i.reason})" for i in ignored[:NAMED_IN_A_LINE])
+    more = len(ignored) - NAMED_IN_A_LINE
+    line = f"{where}: ignored {len(ignored)} file(s): {named}"
+    line += f" and {more} more" if more > 0 else ""
+    if damaged:
+        line += (
+            f"; {damaged} damaged trial(s) count as missing and the next `slimsweep launch` "
+            "reruns them"
+        )
+    return line
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What a store holds, each trial id once (see the module docstring)."""
+
+    trials: pa.Table  # the trial rows of the done trials, in trial id order
+    epochs: pa.Table  # their epoch rows
+    failures: pa.Table  # failure rows of trials that are not done
+    damaged: dict[str, str]  # trial id -> what is wrong with its files (not done: rerun)
+    ignored: tuple[Ignored, ...]  # every file left out, and why
+
+    @property
+    def done(self) -> set[str]:
+        return set(self.trials.column("trial_id").to_pylist())
+
+    @property
+    def failed(self) -> set[str]:
+        return set(self.failures.column("trial_id").to_pylist())
+
+    def notice(self, where: str) -> str | None:
+        return notice(where, self.ignored, len(self.damaged))
 
 
 class Store:
     """Per-trial Parquet files under `root` (a local folder or a pyarrow.fs URI)."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, retry_delays: tuple[float, ...] | None = None):
         self.uri = root
-        if "://" in root:
-            self.fs, self.root = pafs.FileSystem.from_uri(root)
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
+        self.retry_delays = WRITE_RETRY_DELAYS_S if retry_delays is None else retry_delays
+        self.scheme = root.partition("://")[0] if "://" in root else ""
+        try:
+            if self.scheme:
+                self.fs, self.root = pafs.FileSystem.from_uri(root)
+            else:
+                self.fs, self.root = pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
+        except (pa.ArrowException, OSError) as e:
+            raise GridError(
+                f"results {root}: not a folder or a URI pyarrow.fs understands ({_first_line(e)}); "
+                f"give a folder or e.g. s3://bucket/prefix"
+            ) from None
         self.root = self.root.rstrip("/")
 
     def __repr__(self) -> str:
@@ -224,116 +365,246 @@ class Store:
     def path(self, kind: str, trial_id: str) -> str:
         return f"{self.root}/{kind}/{trial_id}.parquet"
 
+    def check(self) -> None:
+        """A GridError in one line unless the store can be used: a local root that is a folder
+        (or not there yet), an object store that answers and whose bucket exists."""
+        if not self.scheme or self.scheme == "file":
+            for p in (Path(self.root), *Path(self.root).parents):
+                if p.exists():
+                    if not p.is_dir():
+                        raise GridError(f"results {self.uri}: {p} is a file; give a folder")
+                    return
+            return
+        bucket = self.root.split("/")[0]
+        try:
+            missing = (
+                self.scheme in _BUCKET_SCHEMES
+                and self.fs.get_file_info(bucket).type == pafs.FileType.NotFound
+            )
+            if not missing:
+                self.fs.get_file_info(self.root)
+        except OSError as e:
+            raise GridError(
+                f"results {self.uri}: the store does not answer ({_first_line(e)}); check the "
+                f"endpoint (AWS_ENDPOINT_URL or ?endpoint_override=...), network and credentials"
+            ) from None
+        if missing:
+            raise GridError(
+                f"results {self.uri}: bucket '{bucket}' does not exist; create it, or check the "
+                f"URI and the endpoint (AWS_ENDPOINT_URL or ?endpoint_override=...)"
+            )
+
     # --- writing -------------------------------------------------------------------------
 
+    def record(self, result: TrialResult, epochs: list[EpochRow]) -> None:
+        """Record a trial's outcome: `write_result` or `write_failure` by its status."""
+        if result.status == "ok":
+            self.write_result(result, epochs)
+        else:
+            self.write_failure(result)
+
     def write_result(self, result: TrialResult, epochs: list[EpochRow]) -> None:
-        """Record a finished trial: epochs first, then the trial row, then drop any failure."""
+        """Record a finished trial: epochs first, then the trial row, then drop any failure.
+        A value the schema cannot hold raises (pyarrow's error) before anything is written."""
         if result.status != "ok":
             raise ValueError(f"trial {result.trial_id}: write_result takes status 'ok' results")
         now = _now()
-        self._write(EPOCHS, result.trial_id, epoch_rows(result.spec, epochs, now))
-        self._write(TRIALS, result.trial_id, [trial_row(result, now)])
-        self._delete(self.path(FAILED, result.trial_id))
+        epoch_table = _table(epoch_rows(result.spec, epochs, now), EPOCHS_SCHEMA)
+        trial_table = _table([trial_row(result, now)], TRIALS_SCHEMA)
+        self._write(EPOCHS, result.trial_id, epoch_table)
+        self._write(TRIALS, result.trial_id, trial_table)
+        self._retrying(lambda: self._delete(self.path(FAILED, result.trial_id)), "a delete")
 
     def write_failure(self, result: TrialResult) -> None:
-        """Record a failed trial (see `failure_result`); its successes, if any, stay."""
+        """Record a failed trial (see `failure_result`); its successes, if any, stay. Columns
+        that cannot hold their value are left null: the failure is recorded regardless."""
         if result.status != "failed":
             raise ValueError(f"trial {result.trial_id}: write_failure takes status 'failed'")
-        self._write(FAILED, result.trial_id, [trial_row(result, _now())])
+        row = trial_row(result, _now())
+        self._write(FAILED, result.trial_id, _table([row], TRIALS_SCHEMA, lenient=True))
 
-    def _write(self, kind: str, trial_id: str, rows: list[dict]) -> None:
-        folder = f"{self.root}/{kind}"
-        self.fs.create_dir(folder, recursive=True)
+    def _write(self, kind: str, trial_id: str, table: pa.Table) -> None:
+        self._retrying(lambda: self._write_once(kind, trial_id, table), f"{kind}/{trial_id}")
+
+    def _write_once(self, kind: str, trial_id: str, table: pa.Table) -> None:
+        self.fs.create_dir(f"{self.root}/{kind}", recursive=True)
         final = self.path(kind, trial_id)
         tmp = f"{final}{TMP_MARK}{uuid.uuid4().hex}"
-        table = pa.Table.from_pylist(rows, schema=_SCHEMAS[kind])
         try:
             pq.write_table(table, tmp, filesystem=self.fs)
             # A rename on local and POSIX-like file systems: readers never see a partial file.
             self.fs.move(tmp, final)
         except BaseException:
-            self._delete(tmp)
+            with contextlib.suppress(OSError):
+                self._delete(tmp)
             raise
+
+    def _retrying(self, op: Callable[[], None], what: str) -> None:
+        """`op`, retried after each of `retry_delays` while it fails with an OSError (the
+        store away); StoreUnavailable once they are spent."""
+        for delay in (*self.retry_delays, None):
+            try:
+                return op()
+            except OSError as e:
+                if delay is None:
+                    raise StoreUnavailable(
+                        f"{self.uri}: {what} not written after {len(self.retry_delays) + 1} "
+                        f"tries ({_first_line(e)})"
+                    ) from e
+                time.sleep(delay)
 
     def _delete(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.delete_file(path)
 
+    # --- records the store could not take ------------------------------------------------
+
+    def unsent_dir(self) -> Path:
+        """Where a launch keeps the records this store could not take, for the next launch
+        to upload: one folder per store under the user's cache ($XDG_CACHE_HOME or ~/.cache)."""
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        where = self.uri if self.scheme and self.scheme != "file" else self.root
+        return cache / "slimsweep" / "unsent" / hashlib.sha256(where.encode()).hexdigest()[:12]
+
+    def save_unsent(self, result: TrialResult, epochs: list[EpochRow]) -> Path:
+        """Keep a record locally (atomically, as one JSON file per trial); its path."""
+        folder = self.unsent_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "store.txt").write_text(f"{self.uri}\n")  # for people looking in the folder
+        path = folder / f"{result.trial_id}.json"
+        tmp = folder / f"{result.trial_id}{TMP_MARK}{uuid.uuid4().hex}"
+        tmp.write_text(encode_record(result, epochs))
+        tmp.replace(path)
+        return path
+
+    def unsent(self) -> list[Path]:
+        return sorted(self.unsent_dir().glob("*.json"))
+
+    def upload_unsent(self) -> int:
+        """Record every record kept by `save_unsent` (each leaves the folder once written);
+        how many. StoreUnavailable if the store still cannot take them."""
+        paths = self.unsent()
+        for path in paths:
+            self.record(*decode_record(path.read_text()))
+            path.unlink()
+        return len(paths)
+
     # --- reading -------------------------------------------------------------------------
 
-    def _files(self, kind: str) -> list[str]:
-        """Final (not temporary) Parquet files of one kind, sorted by path."""
-        selector = pafs.FileSelector(f"{self.root}/{kind}", allow_not_found=True)
-        infos = self.fs.get_file_info(selector)
-        return sorted(
-            i.path
-            for i in infos
-            if i.type == pafs.FileType.File
-            and i.base_name.endswith(".parquet")
-            and TMP_MARK not in i.base_name
+    def scan(self, notify: bool = True) -> Contents:
+        """Everything the store holds, each trial id once; with `notify`, one StoreWarning
+        line names the files left out."""
+        self.check()
+        good: dict[str, dict[str, pa.Table]] = {}
+        bad: dict[str, dict[str, str]] = {}
+        ignored: list[Ignored] = []
+        for kind in KINDS:
+            files, others = self._listing(kind)
+            ignored.extend(others)
+            good[kind], bad[kind] = self._read_files(kind, files)
+            for trial_id, table in list(good[kind].items()):
+                reason = self._wrong_rows(kind, trial_id, table)
+                if reason:
+                    bad[kind][trial_id] = reason
+                    del good[kind][trial_id]
+            ignored.extend(Ignored(f"{kind}/{i}.parquet", r, i) for i, r in bad[kind].items())
+        done = sorted(good[TRIALS].keys() & good[EPOCHS].keys())
+        damaged = {**bad[FAILED], **bad[EPOCHS], **bad[TRIALS]}
+        damaged.update(
+            (i, f"epochs/{i}.parquet is missing")
+            for i in good[TRIALS].keys() - good[EPOCHS].keys() - damaged.keys()
         )
+        contents = Contents(
+            trials=_concat(TRIALS, (good[TRIALS][i] for i in done)),
+            epochs=_concat(EPOCHS, (good[EPOCHS][i] for i in done)),
+            failures=_concat(FAILED, (t for i, t in sorted(good[FAILED].items()) if i not in done)),
+            damaged={i: r for i, r in sorted(damaged.items()) if i not in done},
+            ignored=tuple(ignored),
+        )
+        line = contents.notice(self.uri)
+        if notify and line:
+            warnings.warn(line, StoreWarning, stacklevel=2)
+        return contents
 
-    def _read(self, kind: str, columns: list[str] | None = None) -> pa.Table:
-        """All files of one kind as one table with the explicit schema.
+    def _listing(self, kind: str) -> tuple[dict[str, str], list[Ignored]]:
+        """{trial id: path} of the folder's files named `<trial id>.parquet`, and the other
+        entries (temporary files, writes in progress, are neither)."""
+        selector = pafs.FileSelector(f"{self.root}/{kind}", allow_not_found=True)
+        files, others = {}, []
+        for info in self.fs.get_file_info(selector):
+            name = info.base_name
+            stem = name.removesuffix(".parquet")
+            if TMP_MARK in name:
+                continue
+            if info.type == pafs.FileType.File and name != stem and TRIAL_ID.fullmatch(stem):
+                files[stem] = info.path
+            else:
+                others.append(Ignored(f"{kind}/{name}", "not named <trial id>.parquet"))
+        return dict(sorted(files.items())), others
 
-        One dataset scan first; if any file fails (corrupt, deleted mid-read, wrong types),
-        read file by file, skipping the bad ones: a vanished file silently (its replacement
-        or deletion is a normal race), an unreadable one with a warning naming it."""
+    def _read_files(
+        self, kind: str, files: dict[str, str]
+    ) -> tuple[dict[str, pa.Table], dict[str, str]]:
+        """({trial id: its file's rows}, {trial id: why its file does not read}). One dataset
+        scan; if any file fails, file by file to know which (a file deleted meanwhile, as a
+        success deletes its failure file, is left out silently)."""
         schema = _SCHEMA_FOR_READ[kind]
-        files = self._files(kind)
-        if not files:
-            return schema.empty_table().select(columns or schema.names)
-        try:
-            return self._scan(files, schema, columns)
-        except (OSError, pa.ArrowException):
-            pass
-        tables = []
-        for f in files:
+        with contextlib.suppress(OSError, pa.ArrowException):
+            return self._read_at_once(files, schema), {}
+        tables, unreadable = {}, {}
+        for trial_id, path in files.items():
             try:
-                tables.append(self._scan([f], schema, columns))
+                tables[trial_id] = self._read_at_once({trial_id: path}, schema)[trial_id]
             except FileNotFoundError:
                 continue
             except (OSError, pa.ArrowException) as e:
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                warnings.warn(
-                    f"skipping unreadable result file {f} ({first}); its trial counts as "
-                    "missing and `slimsweep launch --resume` reruns it",
-                    stacklevel=3,
-                )
-        if not tables:
-            return schema.empty_table().select(columns or schema.names)
-        return pa.concat_tables(tables)
+                unreadable[trial_id] = f"unreadable: {_short(e, path)}"
+        return tables, unreadable
 
-    def _scan(self, files: list[str], schema: pa.Schema, columns: list[str] | None) -> pa.Table:
-        dataset = ds.dataset(files, schema=schema, format="parquet", filesystem=self.fs)
-        return dataset.to_table(columns=columns)
+    def _read_at_once(self, files: dict[str, str], schema: pa.Schema) -> dict[str, pa.Table]:
+        if not files:
+            return {}
+        dataset = ds.dataset(
+            list(files.values()), schema=schema, format="parquet", filesystem=self.fs
+        )
+        id_of = {path: trial_id for trial_id, path in files.items()}
+        batches: dict[str, list[pa.RecordBatch]] = {trial_id: [] for trial_id in files}
+        for tagged in dataset.scanner().scan_batches():
+            batches[id_of[tagged.fragment.path]].append(tagged.record_batch)
+        return {i: pa.Table.from_batches(b, schema=schema) for i, b in batches.items()}
 
-    def _ids(self, kind: str) -> set[str]:
-        return set(self._read(kind, ["trial_id"]).column("trial_id").to_pylist())
+    def _wrong_rows(self, kind: str, trial_id: str, table: pa.Table) -> str | None:
+        """Why the rows of `<kind>/<trial_id>.parquet` are not that trial's, or None."""
+        others = set(table.column("trial_id").to_pylist()) - {trial_id}
+        if others:
+            return f"holds rows of trial {sorted(map(str, others))[0]}"
+        if kind in _STATUS_OF:
+            if table.num_rows != 1:
+                return f"holds {table.num_rows} rows, not 1"
+            status = table.column("status")[0].as_py()
+            if status != _STATUS_OF[kind]:
+                return f"holds a trial with status {status!r}"
+        return None
 
     def done_ids(self) -> set[str]:
-        """Trials with a readable trial row and an epochs file: the ones resume skips."""
-        epochs = {Path(p).name.removesuffix(".parquet") for p in self._files(EPOCHS)}
-        return self._ids(TRIALS) & epochs
+        """Trials whose trial row and epochs file both read: the ones a launch skips."""
+        return self.scan().done
 
     def failed_ids(self) -> set[str]:
         """Trials whose last attempt failed and that have not succeeded since."""
-        return self._ids(FAILED) - self.done_ids()
+        return self.scan().failed
 
     def read_trials(self) -> pd.DataFrame:
-        return self._read(TRIALS).to_pandas()
+        return self.scan().trials.to_pandas()
 
     def read_epochs(self) -> pd.DataFrame:
-        return self._read(EPOCHS).to_pandas()
+        return self.scan().epochs.to_pandas()
 
     def read_failures(self) -> pd.DataFrame:
         """Failure rows of trials that have not succeeded since (a success deletes its
         failure file, but a crash between the two writes could leave one behind)."""
-        table = self._read(FAILED)
-        done = pa.array(sorted(self.done_ids()), pa.string())
-        keep = pc.invert(pc.is_in(table.column("trial_id"), value_set=done))
-        return table.filter(keep).to_pandas()
+        return self.scan().failures.to_pandas()
 
 
-# Reading drops the schema metadata so files written by other versions unify cleanly.
-_SCHEMA_FOR_READ = {k: s.remove_metadata() for k, s in _SCHEMAS.items()}
+def _concat(kind: str, tables: Iterable[pa.Table]) -> pa.Table:
+    return pa.concat_tables([_SCHEMA_FOR_READ[kind].empty_table(), *tables])

@@ -160,9 +160,10 @@ def local_tasks(task_dirs: dict[str, Path]) -> dict[str, TaskSpec]:
 
 @pytest.fixture()
 def ray_local():
-    """A small local Ray, shut down afterwards."""
+    """A small local Ray of this test's own (never one `ray start` left running on the
+    machine, which a plain ray.init() would join), shut down afterwards."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from slimsweep.workers import synthetic
-from slimsweep.workers.spec import SpecError, TaskSpec, TrialSpec, check_sampler
+from slimsweep.workers.spec import FILE_BUILDERS, SpecError, TaskSpec, TrialSpec, check_sampler
 from slimsweep.workers.tasks import FIELD_ALIASES
 
 # Synthetic pools: large enough for the paper's sizes (200 + 1000 valid, 1000 test).
 SYNTHETIC_POOLS = {"train": (2000, 0), "test": (1000, 1)}  # split -> (rows, seed)
-FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 PROMPT_HEADS = ("prompt-lm", "prompt-cls")  # heads that read a template and demonstrations
 
 Row = dict[str, Any]  # {"text": str, "label": int, "idx": int (row index in its split)}

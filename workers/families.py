@@ -179,6 +179,14 @@ def _cache_root(spec: TrialSpec) -> Path:
     return Path(spec.runtime.cache_dir) if spec.runtime.cache_dir else DEFAULT_CACHE
 
 
+def _dequantised_folder(spec: TrialSpec) -> Path:
+    """Where `_dequantised` keeps a GGUF model: keyed by (source, gguf_file, revision)."""
+    m = spec.model
+    key = json.dumps([m.source, m.gguf_file, m.revision])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return _cache_root(spec) / "dequantised" / f"{Path(m.gguf_file or '').stem}-{digest}"
+
+
 def _dequantised(spec: TrialSpec, folder: str) -> str:
     """A local folder with the GGUF model de-quantised to float weights plus its tokenizer,
     made on first use. Keyed by (source, gguf_file, revision). Written to a temporary folder
@@ -188,9 +196,8 @@ def _dequantised(spec: TrialSpec, folder: str) -> str:
 
     m = spec.model
     key = json.dumps([m.source, m.gguf_file, m.revision])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    root = _cache_root(spec) / "dequantised"
-    target = root / f"{Path(m.gguf_file or '').stem}-{digest}"
+    target = _dequantised_folder(spec)
+    root = target.parent
     if (target / "config.json").exists():
         return str(target)
     gguf_path = Path(folder) / (m.gguf_file or "")
@@ -238,6 +245,27 @@ def resolve_source(spec: TrialSpec) -> str:
         with _quiet_transformers():
             source = _dequantised(spec, source)
     return source
+
+
+def load_tokenizer(spec: TrialSpec) -> Any:
+    """The trial's tokenizer alone, no weights (what `load_model` returns with the model): of
+    a GGUF model from its de-quantised cache when that exists, else read from the GGUF file."""
+    from transformers import AutoTokenizer
+
+    m = spec.model
+    source = _pkg_folder(m.source, spec.trial_id) if m.source.startswith(PKG_PREFIX) else m.source
+    kwargs: dict[str, Any] = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
+    if m.gguf_file:
+        cached = _dequantised_folder(spec)
+        if (cached / "config.json").exists():
+            source = str(cached)
+        else:
+            kwargs["gguf_file"] = m.gguf_file
+    with _quiet_transformers():
+        try:
+            return AutoTokenizer.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as err:
+            raise _load_error(spec, source, err) from err
 
 
 def model_commit(spec: TrialSpec, config: Any, folder: str) -> str:

@@ -11,6 +11,7 @@ import dataclasses
 import importlib.metadata
 import json
 import platform
+import re
 import resource
 import sys
 import time
@@ -65,14 +66,59 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+GIB = 1 << 30
+
+
+def gpu_memory(device: torch.device) -> tuple[int, int, int]:
+    """(allocated now, peak allocated, total) bytes of a CUDA device."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device), total
+
+
+def out_of_memory_message(
+    spec: TrialSpec, torch_message: str, allocated: int, peak: int, total: int
+) -> str:
+    """What the trial needed (held + the allocation that failed) against what the GPU had,
+    and what to change."""
+    return f"trial {spec.trial_id}: " + _out_of_memory(torch_message, allocated, peak, total)
+
+
+def _out_of_memory(torch_message: str, allocated: int, peak: int, total: int) -> str:
+    tried = re.search(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB)", torch_message)
+    unit = {"GiB": GIB, "MiB": 1 << 20, "KiB": 1 << 10}
+    asked = float(tried[1]) * unit[tried[2]] if tried else 0
+    return (
+        f"CUDA out of memory: needed {(allocated + asked) / GIB:.2f} GiB "
+        f"({allocated / GIB:.2f} held + {asked / GIB:.2f} asked; peak {peak / GIB:.2f}) of a "
+        f"{total / GIB:.2f} GiB GPU shared with other trials; give each trial more of it "
+        f"(resources.gpus), or lower training.batch_size, runtime.eval_batch_size or layers"
+    )
+
+
 def run_trial(
     spec: TrialSpec, *, on_epoch: OnEpoch | None = None, resume_from: str | None = None
 ) -> tuple[TrialResult, list[EpochRow]]:
     """Load the truncated model, prepare the data, train, select, test; see `train.train`
-    for `on_epoch` (per-epoch rows and restart checkpoints) and `resume_from`."""
+    for `on_epoch` (per-epoch rows and restart checkpoints) and `resume_from`. A CUDA
+    out-of-memory error is re-raised saying what the trial needed and what the GPU had."""
+    spec.validate()
+    device = _device(spec)
+    try:
+        return _run(spec, device, on_epoch, resume_from)
+    except torch.cuda.OutOfMemoryError as e:
+        first = (str(e).strip() or "out of memory").splitlines()[0]
+        held = gpu_memory(device) if device.type == "cuda" else (0, 0, 0)
+        raise torch.cuda.OutOfMemoryError(out_of_memory_message(spec, first, *held)) from e
+
+
+def _run(
+    spec: TrialSpec,
+    device: torch.device,
+    on_epoch: OnEpoch | None,
+    resume_from: str | None,
+) -> tuple[TrialResult, list[EpochRow]]:
     started = datetime.now(UTC).isoformat()
     t0 = time.monotonic()
-    device = _device(spec)
     loaded, data = _load(spec, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -100,7 +146,10 @@ def run_bundle(
     """Trials that differ only in seed (`spec.bundle_key`), trained together
     (`train.train_bundle`); each gets the record `run_trial` would give it, plus the bundle it
     trained in. `on_done(i, outcome)` gets trial i's record, or the error that failed it
-    alone, as soon as the bundle is done with it. Bundles write no restart checkpoints."""
+    alone, as soon as the bundle is done with it. Bundles write no restart checkpoints. A
+    CUDA out-of-memory error fails the bundle, saying what it needed and what the GPU had."""
+    for spec in specs:
+        spec.validate()
     keys = {bundle_key(s) for s in specs}
     if len(keys) != 1 or None in keys:
         raise SpecError(
@@ -108,9 +157,26 @@ def run_bundle(
             f"differ only in seed, fine-tune fully, and leave runtime.compile off and "
             f"runtime.last_position_logits on"
         )
+    device = _device(specs[0])
+    try:
+        return _run_bundle(specs, device, on_epoch, on_done)
+    except torch.cuda.OutOfMemoryError as e:
+        first = (str(e).strip() or "out of memory").splitlines()[0]
+        held = gpu_memory(device) if device.type == "cuda" else (0, 0, 0)
+        raise torch.cuda.OutOfMemoryError(
+            f"bundle of {len(specs)} fused trials: {_out_of_memory(first, *held)}, or fuse "
+            f"fewer seeds (runtime.fuse: N or off)"
+        ) from e
+
+
+def _run_bundle(
+    specs: Sequence[TrialSpec],
+    device: torch.device,
+    on_epoch: OnEpoch | None,
+    on_done: Callable[[int, BundleOutcome], None] | None,
+) -> list[BundleOutcome]:
     started = datetime.now(UTC).isoformat()
     t0 = time.monotonic()
-    device = _device(specs[0])
     loads, datas, generators = [], [], []
     for spec in specs:
         # On the CPU: the stack is built there and moved, so the device never holds 2N copies.

@@ -10,10 +10,16 @@ runs, not what it computes.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import hashlib
 import json
+import math
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 HEADS = ("prompt-lm", "prompt-cls", "vanilla-cls")
@@ -22,6 +28,10 @@ LM_LOSSES = ("label-words", "full-vocab")
 LABEL_WORD_RULES = ("single-token", "first-subtoken")
 OVERFLOW_RULES = ("error", "truncate-left")
 TASK_KINDS = ("hub", "files", "synthetic")
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adamw",)  # the only one train.make_optimizer builds
+# Local data files by extension -> the `datasets` builder that reads them.
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # How a trial's rows are drawn (see workers/data.py): slimsweep's one seeded order, or the
 # authors' released code's sequence of draws, call for call.
 SAMPLERS = ("slimsweep", "authors")
@@ -158,6 +168,20 @@ class FinetuneSpec:
         return f"last-{self.last_n}" if self.mode == "last-n" else self.mode
 
 
+def _plain(value: Any) -> Any:
+    """`dataclasses.asdict` of a spec section, made once per distinct section: the trials of
+    a grid share their sections (read the result, never change it)."""
+    try:
+        return _plain_cached(value)
+    except TypeError:  # unhashable (a list where a tuple belongs): validate() names it
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+@functools.cache
+def _plain_cached(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
 # Fields added after trial ids were first published: left out of the identity while at their
 # default, so the trials of grids that do not use them keep their ids. A dotted name is a
 # field of a section ("data.sampler").
@@ -183,21 +207,37 @@ class TrialSpec:
     train: TrainSpec = field(default_factory=TrainSpec)
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
 
+    def validate(self) -> None:
+        """SpecError, one line "<key path>: <problem>; <fix>", for the first value this trial
+        cannot run or store with. Key paths are spelled as in a grid file (`training.lr`)."""
+        check_name(self.grid, "name")
+        check_model(self.model, "model")
+        check_layers(self.layers, "layers")
+        check_task(self.task, "task")
+        check_choice(self.head, HEADS, "head")
+        check_seed(self.seed, "seed")
+        for name, key in SECTION_KEYS.items():
+            check_section(getattr(self, name), _hints(TrialSpec)[name], key)
+        check_sampler(self.data)
+        fuse_limit(self.runtime.fuse, on_gpu=True)  # auto and off are valid on any device
+
     def identity(self) -> dict[str, Any]:
         """The fields that decide what is computed (the grid name and runtime are not)."""
-        d = dataclasses.asdict(self)
+        d = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
         del d["grid"], d["runtime"]
         for name, default in LATER_FIELDS.items():
             *sections, leaf = name.split(".")
             owner, values = self, d
             for section in sections:
+                # a copy: the section's dict is shared with other trials (see _plain)
+                values[section] = dict(values[section])
                 owner, values = getattr(owner, section), values[section]
             if getattr(owner, leaf) == default:
                 del values[leaf]
         return d
 
-    @property
-    def trial_id(self) -> str:
+    @functools.cached_property
+    def trial_id(self) -> str:  # cached: a frozen spec's id never changes; grids reach 100000
         canon = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
@@ -217,10 +257,10 @@ class TrialSpec:
         return cls(
             grid=d["grid"],
             model=ModelSpec(**d["model"]),
-            layers=int(d["layers"]),
+            layers=d["layers"],
             task=TaskSpec(**task),
             head=d["head"],
-            seed=int(d["seed"]),
+            seed=d["seed"],
             selection=SelectionSpec(**selection),
             finetune=FinetuneSpec(**finetune),
             data=DataSpec(**d.get("data", {})),
@@ -338,7 +378,7 @@ def fuse_limit(fuse: str, on_gpu: bool) -> int | None:
         return 1
     if fuse == "auto":
         return None
-    if not fuse.isdigit() or int(fuse) < 1:
+    if not (fuse.isascii() and fuse.isdigit()) or int(fuse) < 1:  # not "²": int() refuses it
         raise SpecError(
             f"runtime.fuse: {fuse!r} is not auto, off or a number of trials; "
             f"write e.g. fuse: auto, fuse: off or fuse: 5"
@@ -366,3 +406,257 @@ def bundle_id(specs: Sequence[TrialSpec]) -> str:
 class SpecError(ValueError):
     """A trial cannot run as specified (e.g. a label word is not one token); the message
     names the trial, the offending value and the fix."""
+
+
+# --- the contract's checks ------------------------------------------------------------------
+# Each raises SpecError("<key>: <problem>; <fix>"). The grid loader calls them with its own key
+# paths (`tasks[1]`, `seeds[0]`), TrialSpec.validate() with the spec's, so both refuse alike.
+
+INT64 = (-(2**63), 2**63 - 1)  # what a Parquet int64 column holds
+# random.seed takes any int and numpy's is reduced mod 2**32, but torch.manual_seed takes at
+# most 2**64 - 1 and the store's seed column is an int64: seeds are 0..2**63 - 1.
+SEED_RANGE = (0, 2**63 - 1)
+MAX_SHOWN = 80  # characters of a value quoted in a message
+MAX_NAME_BYTES = 255  # of a folder name, on common file systems
+
+# The spec's sections and their keys in a grid file.
+SECTION_KEYS = {
+    "data": "data",
+    "train": "training",
+    "runtime": "runtime",
+    "selection": "selection",
+    "finetune": "finetune",
+}
+
+
+@dataclass(frozen=True)
+class AtLeast:
+    """The smallest allowed value of a numeric setting (`strict`: the bound itself is not)."""
+
+    low: float
+    strict: bool = False
+    fix: str = ""
+
+
+# Per section class: a numeric field's lower bound and a text field's choices.
+BOUNDS: dict[type, dict[str, AtLeast]] = {
+    DataSpec: {
+        "train_size": AtLeast(1),
+        "valid_size": AtLeast(1),
+        "test_size": AtLeast(1),
+        "demos_per_class": AtLeast(0, fix="0 means no demonstrations"),
+        "max_length": AtLeast(1, fix="or leave it empty for the model's context"),
+    },
+    TrainSpec: {
+        "lr": AtLeast(0, strict=True, fix="e.g. 5.0e-5"),
+        "weight_decay": AtLeast(0, fix="0 means none"),
+        "batch_size": AtLeast(1),
+        "epochs": AtLeast(1),
+        "patience": AtLeast(0, fix="0 turns early stopping off"),
+    },
+    RuntimeSpec: {
+        "eval_batch_size": AtLeast(0, fix="0 chooses from free memory"),
+        "checkpoint_every": AtLeast(0, fix="0 writes no restart checkpoints"),
+        "checkpoint_min_s": AtLeast(0),
+    },
+}
+CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
+    DataSpec: {"overflow": OVERFLOW_RULES, "label_word_rule": LABEL_WORD_RULES},
+    TrainSpec: {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "lm_loss": LM_LOSSES},
+    RuntimeSpec: {"device": DEVICES},
+}
+
+
+def cut(text: str) -> str:
+    """`text` cut to MAX_SHOWN characters: messages never print a whole huge value."""
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+
+
+def shown(value: Any) -> str:
+    """`repr(value)`, cut (see `cut`)."""
+    return cut(repr(value))
+
+
+def unknown(what: str, value: Any, valid: tuple[str, ...]) -> str:
+    """The problem and the fix: unknown <what> <value>; did you mean <near>? valid: ..."""
+    near = difflib.get_close_matches(str(value), valid, n=1)
+    hint = f"did you mean '{near[0]}'? " if near else ""
+    return f"unknown {what} {shown(value)}; {hint}valid: {', '.join(valid)}"
+
+
+def check_choice(value: Any, valid: tuple[str, ...], key: str, what: str = "") -> None:
+    """`what` names the value in the message; default: the key's last part."""
+    if not isinstance(value, str) or value not in valid:
+        raise SpecError(f"{key}: {unknown(what or key.rsplit('.', 1)[-1], value, valid)}")
+
+
+def check_name(value: Any, key: str) -> None:
+    """A name that becomes a path component (results/<grid>/...): one plain folder name."""
+    check_type(value, str, key)
+    bad = (
+        value in ("", ".", "..")
+        or any(c in value for c in "/\\")
+        or any(ord(c) < 32 or ord(c) == 127 for c in value)
+        or value != value.strip()
+        or len(value.encode("utf-8", "replace")) > MAX_NAME_BYTES
+    )
+    if bad:
+        raise SpecError(
+            f"{key}: {shown(value)} cannot be a folder name; use letters, digits, '-', '_' or "
+            f"'.' (no '/', no '..', no control characters, not empty, at most "
+            f"{MAX_NAME_BYTES} bytes)"
+        )
+
+
+def check_seed(value: Any, key: str) -> None:
+    check_type(value, int, key)
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise SpecError(
+            f"{key}: {shown(value)} is outside {low}..2**63-1, what torch's RNG and the "
+            f"store's int64 column hold; use a smaller non-negative seed, e.g. 42"
+        )
+
+
+def check_layers(value: Any, key: str) -> None:
+    check_type(value, int, key)
+    if value < 1:
+        raise SpecError(f"{key}: layer count {value} is below 1; keep at least one layer")
+
+
+def check_model(model: Any, key: str) -> None:
+    check_type(model, ModelSpec, key)
+    check_name(model.name, f"{key}.name")
+    if not model.source:
+        raise SpecError(f"{key}.source: is empty; give a hub id, a local folder or pkg:<package>")
+
+
+def check_task(task: Any, key: str) -> None:
+    check_type(task, TaskSpec, key)
+    check_name(task.name, f"{key}.name")
+    check_choice(task.kind, TASK_KINDS, f"{key}.kind")
+    template = task.template
+    try:
+        template.format_map({"text": "", "label": ""})  # what data._fill does
+        fills = True
+    except (KeyError, ValueError, IndexError):
+        fills = False
+    if not fills or "{text}" not in template or not template.endswith("{label}"):
+        raise SpecError(
+            f"{key}.template: {shown(template)} must contain {{text}}, end with {{label}} and "
+            f"have no other {{...}} fields; write {{{{ }}}} for a literal brace, e.g. "
+            f"'Review: {{text}}\\nSentiment:{{label}}'"
+        )
+    words = task.label_words
+    if len(words) < 2 or not all(words) or len(set(words)) != len(words):
+        raise SpecError(
+            f"{key}.label_words: {shown(list(words))} must be 2 or more distinct, non-empty "
+            f"words; give one per label index, e.g. [' Negative', ' Positive']"
+        )
+    if task.kind == "files":
+        check_data_files(task, key)
+
+
+def check_data_files(task: TaskSpec, key: str) -> None:
+    files = dict(task.data_files)
+    for split in (task.train_split, task.test_split):
+        if split not in files:
+            raise SpecError(
+                f"{key}.files.{split}: missing; give the {split} split a file "
+                f"(has: {', '.join(files) or 'none'}), or name another split in "
+                f"{'train_split' if split == task.train_split else 'test_split'}"
+            )
+    suffixes = sorted({PurePath(p).suffix.lower() for p in files.values()})
+    if len(suffixes) != 1 or suffixes[0] not in FILE_BUILDERS:
+        raise SpecError(
+            f"{key}.files: the files must share one extension of {', '.join(FILE_BUILDERS)} "
+            f"(got {', '.join(s or 'none' for s in suffixes)}); convert them to one format"
+        )
+
+
+def check_section(obj: Any, cls: type, key: str) -> None:
+    """A settings section of class `cls` (data, training, runtime, ...): types, then bounds
+    and choices."""
+    check_type(obj, cls, key)
+    for name, bound in BOUNDS.get(type(obj), {}).items():
+        v = getattr(obj, name)
+        if v is not None and (v <= bound.low if bound.strict else v < bound.low):
+            need = f"a value above {bound.low:g}" if bound.strict else f"{bound.low:g} or more"
+            fix = f" ({bound.fix})" if bound.fix else ""
+            raise SpecError(f"{key}.{name}: {shown(v)} is too small; use {need}{fix}")
+    for name, valid in CHOICES.get(type(obj), {}).items():
+        check_choice(getattr(obj, name), valid, f"{key}.{name}")
+
+
+# --- types, before anything is hashed, serialised or stored ---------------------------------
+
+# type -> (what the message says is expected, how to write it)
+_KINDS = {
+    bool: ("true or false", "write true or false"),
+    int: ("an integer", "write a whole number"),
+    float: ("a number", "write a number, e.g. 0.01"),
+    str: ("text", "write it as text (in quotes)"),
+}
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_type(value: Any, hint: Any, key: str) -> None:
+    """SpecError unless `value` is of the annotated type `hint` (a spec dataclass is checked
+    field by field): ints within int64, floats finite, tuples of their item type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, hint):
+            raise SpecError(
+                f"{key}: expected a mapping of settings, got {shown(value)}; write {{key: value}}"
+            )
+        for name, sub in _hints(hint).items():
+            check_type(getattr(value, name), sub, f"{key}.{name}" if key else name)
+        return
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            raise SpecError(f"{key}: expected a list, got {shown(value)}; write [a, b, ...]")
+        if args and args[-1] is Ellipsis:
+            args = (args[0],) * len(value)
+        elif len(args) != len(value):
+            raise SpecError(
+                f"{key}: expected {len(args)} values, got {shown(value)}; give {len(args)}"
+            )
+        for i, (item, sub) in enumerate(zip(value, args, strict=True)):
+            check_type(item, sub, f"{key}[{i}]")
+        return
+    if hint in _KINDS:
+        ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+        if hint is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok:
+            what, fix = _KINDS[hint]
+            raise SpecError(f"{key}: expected {what}, got {shown(value)}; {fix}")
+        if hint is int and not INT64[0] <= value <= INT64[1]:
+            raise SpecError(
+                f"{key}: {shown(value)} does not fit a 64-bit integer (what the store holds); "
+                f"use a value within -2**63..2**63-1"
+            )
+        if hint is str and not _utf8(value):
+            raise SpecError(
+                f"{key}: {shown(value)} is not valid Unicode (a lone surrogate such as \\ud800), "
+                f"which the store cannot write; remove that escape"
+            )
+        if hint is float and not math.isfinite(value):
+            raise SpecError(f"{key}: {value} is not a finite number; write a number, e.g. 0.01")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

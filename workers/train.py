@@ -40,10 +40,16 @@ from slimsweep.workers.heads import (
     output_logits,
     predict_logits,
 )
-from slimsweep.workers.spec import EpochRow, RuntimeSpec, TrialSpec
+from slimsweep.workers.spec import EpochRow, RuntimeSpec, SpecError, TrialSpec
 from torch import nn
 
 OnEpoch = Callable[[EpochRow, str | None], None]
+
+
+class LossNotFinite(SpecError):
+    """The training loss became NaN or infinite: the trial stops at that epoch (in a bundle,
+    that trial alone fails; the others go on)."""
+
 
 CHECKPOINT_FILE = "state.pt"
 CPU_EVAL_BATCH = 32
@@ -328,10 +334,6 @@ def train(
     return out
 
 
-class NonFiniteLoss(FloatingPointError):
-    """A trial's training loss became nan or inf: that trial fails, its bundle goes on."""
-
-
 @dataclass
 class _Trial:
     """One trial of a bundle: its own data, data order, history and best weights."""
@@ -531,13 +533,13 @@ def train_bundle(
             trial, state = trials[i], trials[i].state
             loss = total / steps
             if not math.isfinite(loss):
-                done(
-                    i,
-                    NonFiniteLoss(
-                        f"trial {trial.spec.trial_id}: training loss is {loss} at epoch "
-                        f"{state.epoch + 1}; lower train.lr or use precision fp32"
-                    ),
+                # diverged: every later epoch would be NaN too
+                error = LossNotFinite(
+                    f"trial {trial.spec.trial_id}: the training loss is {loss} at epoch "
+                    f"{state.epoch + 1}; training diverged: lower training.lr (now {cfg.lr:g})"
+                    + (" or use precision fp32" if cfg.precision != "fp32" else "")
                 )
+                done(i, error)
                 continue
             model = runner.model_of(r)
             valid = trial.data.valid

@@ -6,7 +6,9 @@ multi-node Ray (`ray.cluster_utils.Cluster`: a head and two worker nodes on this
 trials ask for a custom resource only the worker nodes offer, so they run there, and one
 worker node is removed while a trial on it is between epochs. A process that dies on every
 attempt ends as a failed trial carrying Ray's error, which `--resume` reruns. A driver
-killed with SIGKILL loses only its running trials: the next launch runs exactly those.
+killed with SIGKILL loses only its running trials: the next launch runs exactly those; while
+it ran, a second launch of the store refused; dead, it blocks nothing and its Tune folder is
+removed by the next launch.
 
 The trial function is a stand-in with run_trial's signature and checkpoint protocol (epochs
 are sleeps), so the test controls when the fault strikes and sees where each attempt started.
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slimsweep.orchestrator.grid import load_grid
+from slimsweep.orchestrator.grid import GridError, load_grid
 from slimsweep.orchestrator.launch import launch
 from slimsweep.orchestrator.plan import expand
 from slimsweep.orchestrator.store import Store
@@ -184,7 +186,7 @@ from pathlib import Path
 sys.path.insert(0, {here!r})
 import test_faults
 from ray import cloudpickle
-from slimsweep.orchestrator.grid import load_grid
+from slimsweep.orchestrator.grid import GridError, load_grid
 from slimsweep.orchestrator.launch import launch
 cloudpickle.register_pickle_by_value(test_faults)
 trial = functools.partial(test_faults.epoch_trial, marks=Path({marks!r}))
@@ -192,7 +194,11 @@ launch(load_grid({grid!r}), {results!r}, trial_fn=trial)
 """
 
 
-def test_killing_the_driver_loses_only_the_running_trials(tmp_path: Path):
+def test_killing_the_driver_loses_only_the_running_trials_blocks_nothing_and_leaves_nothing(
+    tmp_path: Path,
+):
+    """While the driver runs, a second launch of the store refuses naming it; SIGKILLed, it
+    blocks no later launch, which removes its Tune folder and runs exactly what it lost."""
     import signal
     import subprocess
 
@@ -217,23 +223,61 @@ def test_killing_the_driver_loses_only_the_running_trials(tmp_path: Path):
     deadline = time.monotonic() + 120
     while not store.done_ids() and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
+    # A second launch of the same grid and store, while the first runs: refused, one line.
+    with pytest.raises(
+        GridError, match=rf"another launch of this grid is running .*pid {driver.pid},"
+    ):
+        launch(grid, results, echo=lambda _: None)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     done = store.done_ids()
     ids = {s.trial_id for s in expand(grid)}
     assert done and done < ids, "the driver should die with trials left to run"
+    tune_dir = Path(results) / "_tune"
+    left = sorted(p.name for p in tune_dir.iterdir())
+    assert len(left) == 1, "the killed launch leaves its Tune experiment behind"
 
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    lines: list[str] = []
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         trial = functools.partial(epoch_trial, marks=marks)
-        again = launch(grid, results, echo=lambda _: None, trial_fn=trial)
+        again = launch(
+            grid, results, echo=lines.append, trial_fn=trial
+        )  # the dead holder: no block
     finally:
         ray.shutdown()
+    assert lines[0] == f"removed 1 Tune folder(s) a stopped launch left in _tune/: {left[0]}"
+    assert list(tune_dir.iterdir()) == []
     assert set(again.to_run) == ids - done and again.exit_code == 0
     assert sorted(store.read_trials().trial_id) == sorted(ids)
     assert len(store.read_epochs()) == EPOCHS * len(ids)
+
+
+def test_damaged_result_files_are_rerun_by_the_next_launch_and_replaced(ray_local, tmp_path: Path):
+    import shutil
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(GRID.replace("custom: {fake_gpu: 1}", "custom: {}"))
+    grid = load_grid(path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    results = tmp_path / "results" / grid.name
+    trial = functools.partial(epoch_trial, marks=marks)
+    assert launch(grid, str(results), echo=lambda _: None, trial_fn=trial).exit_code == 0
+    a, b, c = (s.trial_id for s in expand(grid))
+    shutil.copy(results / "trials" / f"{a}.parquet", results / "trials" / f"{a}-backup.parquet")
+    (results / "epochs" / f"{b}.parquet").write_bytes(b"truncated")
+    shutil.copy(results / "trials" / f"{a}.parquet", results / "trials" / f"{c}.parquet")
+
+    with pytest.warns(UserWarning, match="2 damaged trial"):
+        again = launch(grid, str(results), echo=lambda _: None, trial_fn=trial)
+    assert set(again.to_run) == {b, c} and again.exit_code == 0
+    with pytest.warns(UserWarning, match="ignored 1 file"):  # the backup copy stays, uncounted
+        contents = Store(str(results)).scan()
+    assert contents.done == {a, b, c} and not contents.damaged
+    assert contents.epochs.num_rows == EPOCHS * 3
 
 
 def epoch_bundle(specs: list[TrialSpec], *, on_epoch, on_done, marks: Path) -> None:
@@ -304,7 +348,7 @@ def test_killing_the_driver_mid_bundle_loses_and_duplicates_nothing(tmp_path: Pa
 
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         bundle = functools.partial(epoch_bundle, marks=marks)
         again = launch(grid, results, echo=lambda _: None, bundle_fn=bundle)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from slimsweep.workers.run import bundle_id, run_bundle, run_trial
 from slimsweep.workers.spec import DataSpec, ModelSpec, RuntimeSpec, TaskSpec, TrainSpec, TrialSpec
-from slimsweep.workers.train import NonFiniteLoss
+from slimsweep.workers.train import LossNotFinite
 
 HEADS = ("prompt-lm", "prompt-cls", "vanilla-cls")
 FAMILIES = ("gpt2", "opt", "llama")
@@ -209,7 +209,11 @@ def test_a_nan_fails_its_own_trial_and_the_bundle_goes_on(
     done: list[int] = []
     out = run_bundle(specs, on_done=lambda i, _: done.append(i))
 
-    assert isinstance(out[1], NonFiniteLoss) and "training loss is nan at epoch 1" in str(out[1])
+    assert isinstance(out[1], LossNotFinite)
+    assert str(out[1]) == (
+        f"trial {specs[1].trial_id}: the training loss is nan at epoch 1; training diverged: "
+        f"lower training.lr (now {specs[1].train.lr:g})"
+    )
     assert done[0] == 1  # failed after its first epoch, before the others finished
     for got, want in zip((out[0], out[2]), alone, strict=True):
         rows, *rest = numbers(*got)

