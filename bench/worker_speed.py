@@ -11,14 +11,17 @@ the worker's own functions (`workers.heads`, `workers.train`):
 
 for three variants: `naive` (fp32, full-sequence logits, foreach AdamW, batch-1 evaluation
 without prefix cache), `fast` (the RuntimeSpec defaults, fp32) and `fast-bf16` (the same with
-bf16 autocast over fp32 master weights). Per shape it also runs one short real trial
-(`workers.train.train`, one epoch, with the grid's restart checkpoints) to measure what the
-per-step costs miss (checkpoint writes, best-weight copies), and measures GPU packing: K
-processes (K from the orchestrator's memory estimate, capped at what fits and at `--max-pack`)
-running the fast step loop at once, against one process.
+bf16 autocast over fp32 master weights); and the training step of a fused bundle
+(`workers.train.FusedRunner`: N seeds of the cell as one stacked model, N the grid's seeds
+capped at what the memory estimate fits) against N separate fast steps, round by round. Per
+shape it also runs one short real trial (`workers.train.train`, one epoch, with the grid's
+restart checkpoints) to measure what the per-step costs miss (checkpoint writes, best-weight
+copies), and measures GPU packing: K processes (K from the orchestrator's memory estimate,
+capped at what fits and at `--max-pack`) running the fast step loop at once, against one.
 
-From those it extrapolates the whole grid's device-hours for naive, fast, fast-bf16 and
-fast+packing, prints Markdown tables and writes worker_speed.json / worker_speed.md to --out.
+From those it extrapolates the whole grid's device-hours for naive, fast, fast-bf16,
+fast+packing and fast+fused, prints Markdown tables and writes worker_speed.json /
+worker_speed.md to --out.
 
     python bench/worker_speed.py --device cuda              # the paper grid on a GPU
     python bench/worker_speed.py --device cpu --tiny        # same code, tiny shapes, < 1 min
@@ -91,6 +94,7 @@ from slimsweep.workers.heads import HEADS, predict_logits  # noqa: E402
 from slimsweep.workers.spec import RuntimeSpec, TrialSpec  # noqa: E402
 from slimsweep.workers.tables import HEADS as HEAD_KINDS  # noqa: E402
 from slimsweep.workers.train import (  # noqa: E402
+    FusedRunner,
     autocast,
     eval_batch_size,
     make_optimizer,
@@ -153,12 +157,15 @@ VARIANTS: dict[str, Variant] = {
     "fast-bf16": Variant("bf16", tuple((f, getattr(_DEFAULTS, f)) for f in SPEED_FLAGS)),
 }
 PACK_VARIANT = "fast"  # what the packed processes run (the paper's fp32 with the fast paths)
-# Extrapolation schemes: (measured variant, with packing)
-SCHEMES: dict[str, tuple[str, bool]] = {
-    "naive": ("naive", False),
-    "fast": ("fast", False),
-    "fast-bf16": ("fast-bf16", False),
-    "fast+packing": (PACK_VARIANT, True),
+FUSE_VARIANT = "fast"  # what a fused bundle runs (runtime.fuse, workers.fused)
+# Extrapolation schemes: (measured variant, how trials share the device: alone, packed
+# processes, or fused bundles)
+SCHEMES: dict[str, tuple[str, str]] = {
+    "naive": ("naive", "alone"),
+    "fast": ("fast", "alone"),
+    "fast-bf16": ("fast-bf16", "alone"),
+    "fast+packing": (PACK_VARIANT, "packed"),
+    "fast+fused": (FUSE_VARIANT, "fused"),
 }
 
 
@@ -429,6 +436,48 @@ def measure_trial(
     return time.perf_counter() - start
 
 
+def measure_fused(
+    spec: TrialSpec, shape: Shape, data: Splits, n: int, pad_id: int, st: Settings
+) -> dict[str, Any]:
+    """One fused bundle of `n` trials of `spec`'s shape (`FusedRunner`: the stacked model, one
+    forward/backward and one AdamW step for all n) against the same n trials stepping one
+    after the other, round by round (one bundle step, then the n separate steps), so both see
+    the same machine load; the speedup is the median of the rounds' ratios."""
+    device = torch.device(st.device)
+    models = [build_model(shape, spec.head, st.classes, device) for _ in range(n)]
+    label_ids = torch.tensor(data.label_ids, dtype=torch.long, device=device)
+    generators = [torch.Generator(device).manual_seed(i) for i in range(n)]
+    runner = FusedRunner(spec, models, label_ids, pad_id, generators)
+    runner.train_mode()
+    alone = [step_loop(spec, m, data, pad_id, device) for m in models]
+    bs = spec.train.batch_size
+
+    def fused_step(i: int) -> torch.Tensor:
+        batches = []
+        for t in range(n):  # each trial its own examples, as in a bundle
+            start = (i * bs + t) % len(data.train)
+            batches.append(list(data.train[start : start + bs]))
+        return runner.step(batches, device)
+
+    rounds = []
+    for i in range(st.warmup + st.steps):
+        bundle_s = step_times(device, 1, lambda _, i=i: fused_step(i))[0]
+        alone_s = sum(step_times(device, 1, lambda _, i=i, f=f: f(i))[0] for f in alone)
+        if i >= st.warmup:
+            rounds.append((bundle_s, alone_s))
+    bundle_s = statistics.median(b for b, _ in rounds)
+    return {
+        "model": shape.model,
+        "layers": shape.layers,
+        "head": spec.head,
+        "n": n,
+        "bundle_step_ms": bundle_s * 1e3,
+        "alone_steps_ms": statistics.median(a for _, a in rounds) * 1e3,
+        "per_trial_step_ms": bundle_s * 1e3 / n,
+        "speedup": statistics.median(a / b for b, a in rounds),
+    }
+
+
 # --- packing: K processes running the fast step loop at once ----------------------------------
 
 
@@ -609,19 +658,26 @@ def extrapolate(
     ratios: Mapping[tuple[str, int], float],
     epochs_list: Iterable[int],
     goal_applies: bool,
+    fused: Mapping[tuple[str, int, str], float] | None = None,
 ) -> list[dict[str, Any]]:
     """Device-hours of the trials in `specs` per scheme and epoch count. `costs` is keyed by
     (model, layers, head, variant); per-epoch overheads, checkpoint seconds and packing ratios
-    by (model, layers), 0, 0 and 1 where missing."""
+    by (model, layers), 0, 0 and 1 where missing; `fused` is the training step seconds per
+    trial in a fused bundle by (model, layers, head), the variant's own step where missing
+    (evaluation runs per trial, so a fused trial evaluates as the variant does)."""
     out = []
+    fused = fused or {}
     for epochs in epochs_list:
         hours: dict[str, float] = {}
-        for scheme, (variant, packed) in SCHEMES.items():
+        for scheme, (variant, sharing) in SCHEMES.items():
             total = 0.0
             for s in specs:
                 shape = (s.model.name, s.layers)
-                ratio = ratios.get(shape, 1.0) if packed else 1.0
+                ratio = ratios.get(shape, 1.0) if sharing == "packed" else 1.0
                 cost = costs[(s.model.name, s.layers, s.head, variant)]
+                if sharing == "fused":
+                    step = fused.get((s.model.name, s.layers, s.head), cost.step_s)
+                    cost = dataclasses.replace(cost, step_s=step)
                 extra = overheads.get(shape, 0.0), ratio, checkpoints.get(shape, 0.0)
                 total += trial_seconds(s, cost, epochs, *extra)
             hours[scheme] = total / 3600
@@ -703,6 +759,16 @@ def report(result: dict[str, Any]) -> str:
         ("ratio", "ratio"),
         ("error", "error"),
     )
+    fuse = columns(
+        result["fusing"],
+        ("model", "model"),
+        ("layers", "layers"),
+        ("head", "head"),
+        ("N", "n"),
+        ("bundle step ms", "bundle_step_ms"),
+        ("N separate steps ms", "alone_steps_ms"),
+        ("speedup", "speedup"),
+    )
     grid = columns(
         result["extrapolation"],
         ("epochs", "epochs"),
@@ -721,6 +787,8 @@ def report(result: dict[str, Any]) -> str:
             trial,
             "### Packing (fast step loop)",
             pack,
+            "### Fused bundles (N seeds of one cell, one stacked step)",
+            fuse,
             "### Whole grid",
             grid,
         ]
@@ -740,6 +808,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, nargs="+", default=None, help="default: grid's, 20")
     p.add_argument("--max-pack", type=int, default=None, help="default: cores / grid's cpus")
     p.add_argument("--no-pack", action="store_true")
+    p.add_argument("--no-fuse", action="store_true", help="skip the fused-bundle steps")
+    p.add_argument("--max-fuse", type=int, default=None, help="default: the grid's seeds")
     p.add_argument("--no-trial", action="store_true", help="skip the one-epoch real trial")
     p.add_argument("--out", default=os.environ.get("OUT") or "bench-out")
     return p.parse_args(argv)
@@ -773,7 +843,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sh.key: pack_count(sh, VARIANTS[PACK_VARIANT].precision, memory, max_pack) for sh in shapes
     }
     pool = PackPool(max(packs.values())) if not args.no_pack else None
-    rows, trials, packing = [], [], []
+    fits = {
+        sh.key: pack_count(sh, VARIANTS[FUSE_VARIANT].precision, memory, 10**6) for sh in shapes
+    }
+    seeds_per_cell = len(grid.seeds)
+    rows, trials, packing, fusing = [], [], [], []
     try:
         for shape in shapes:
             vocab = shape.config_dict()["vocab_size"]
@@ -789,6 +863,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row = {"model": shape.model, "layers": shape.layers, "head": head}
                     rows.append({**row, "variant": name, "params": n_params, **measured[name]})
                     print(json.dumps(rows[-1]), flush=True)
+                if not args.no_fuse:
+                    # As `launch` bundles: a cell's seeds, as many as fit in the device.
+                    n = min(args.max_fuse or seeds_per_cell, fits[shape.key])
+                    spec = variant_spec(base, VARIANTS[FUSE_VARIANT], device)
+                    fusing.append(measure_fused(spec, shape, data, n, vocab - 1, st))
+                    print(json.dumps(fusing[-1]), flush=True)
                 if head == heads[0] and not args.no_trial:
                     spec = variant_spec(base, VARIANTS["fast"], device)
                     trial_data = dataclasses.replace(data, train=data.train[: st.steps])
@@ -832,6 +912,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     overheads = {(t["model"], t["layers"]): t["epoch_overhead_s"] for t in trials}
     checkpoints = {(t["model"], t["layers"]): t["checkpoint_s"] for t in trials}
     ratios = {(p["model"], p["layers"]): p["ratio"] for p in packing if p["ratio"]}
+    # A fused trial's step: the fast step over the bundle's speedup, both measured here.
+    fused = {
+        (f["model"], f["layers"], f["head"]): costs[
+            (f["model"], f["layers"], f["head"], FUSE_VARIANT)
+        ].step_s
+        / f["speedup"]
+        for f in fusing
+    }
     return {
         "meta": {
             "date": datetime.now(UTC).strftime("%Y-%m-%d"),
@@ -855,6 +943,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "trials": trials,
         "packing": packing,
+        "fusing": fusing,
         "extrapolation": extrapolate(
             specs,
             costs,
@@ -863,6 +952,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ratios,
             epochs_list,
             goal_applies=device.type == "cuda",
+            fused=fused,
         ),
     }
 

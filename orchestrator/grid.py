@@ -42,6 +42,7 @@ from slimsweep.workers.spec import (
     check_seed,
     check_task,
     cut,
+    fuse_limit,
     shown,
     unknown,
 )
@@ -205,9 +206,13 @@ class _Loader:
         out = {}
         for k, v in values.items():
             default = getattr(defaults, k)
+            if (key, k) == ("runtime", "fuse"):  # YAML 1.1 reads `off` as false; 5 -> "5"
+                v = "off" if v is False else str(v) if type(v) is int and abs(v) < 2**63 else v
             out[k] = self.typed(v, default, f"{key}.{k}", fields[k].type)
         obj = cls(**out)
         self.contract(check_section, obj, cls, key)
+        if key == "runtime":
+            self.contract(fuse_limit, obj.fuse, True)
         return obj
 
     def typed(self, v: Any, default: Any, key: str, annotation: str) -> Any:

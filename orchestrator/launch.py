@@ -39,7 +39,7 @@ import pyarrow.fs as pafs
 from slimsweep.orchestrator.grid import Grid, GridError
 from slimsweep.orchestrator.lease import Lease, holder
 from slimsweep.orchestrator.models import estimate_params, model_config
-from slimsweep.orchestrator.plan import expand, pending
+from slimsweep.orchestrator.plan import bundles, expand, pending
 from slimsweep.orchestrator.store import (
     Contents,
     Store,
@@ -49,13 +49,16 @@ from slimsweep.orchestrator.store import (
     failure_result,
     notice,
 )
-from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec
+from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec, bundle_id, fuse_limit
 
 # run_trial's signature: (spec, *, on_epoch, resume_from[, on_weights]) -> (result, epoch rows).
 OnEpoch = Callable[[EpochRow, str | None], None]
 TrialFn = Callable[..., tuple[TrialResult, list[EpochRow]]]
+# run_bundle's signature: (specs, *, on_epoch, on_done(i, record or error)[, on_weights]) -> Any
+BundleFn = Callable[..., Any]
 
 RECORD_KEY = "slimsweep_record"
+TRIAL_KEY = "slimsweep_trial"  # an epoch report's trial id (a bundle reports for several)
 TUNE_DIR = "_tune"  # Tune's own state and checkpoints, under the grid's results root
 PROGRESS_EVERY_S = 2.0
 HEARTBEAT_S = 30.0  # the progress line repeats at least this often while trials run
@@ -75,6 +78,23 @@ def gpu_fraction(n_params: int, precision: str, gpu_memory_bytes: int) -> float:
     (at least one trial per GPU, so a too-large trial still gets a whole GPU)."""
     need = n_params * BYTES_PER_PARAM[precision] * ACTIVATION_MARGIN + CUDA_CONTEXT_BYTES
     return 1.0 / max(1, int(gpu_memory_bytes // need))
+
+
+def plan_bundles(
+    grid: Grid, specs: list[TrialSpec], resources: dict[str, float]
+) -> tuple[list[list[TrialSpec]], dict[str, float]]:
+    """The missing trials in Tune trials (bundles of seeds under `runtime.fuse`, see
+    `plan.bundles`) and the resources of one. `auto` fuses on GPU as many trials as the
+    per-trial share says fit in one GPU; a bundle asks for its trials' shares together."""
+    gpu = resources.get("GPU", 0.0)
+    limit = fuse_limit(grid.runtime.fuse, on_gpu=gpu > 0)
+    if limit is None:
+        limit = max(1, int(1 / gpu + 1e-9)) if gpu < 1 else 1
+    groups = bundles(specs, limit)
+    largest = max((len(g) for g in groups), default=1)
+    if gpu and largest > 1:
+        resources = {**resources, "GPU": min(1.0, gpu * largest)}
+    return groups, resources
 
 
 # --- resources against the cluster ---------------------------------------------------------
@@ -170,51 +190,89 @@ def trial_node() -> str:
     return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()}"
 
 
+def _default_bundle_fn() -> BundleFn:
+    from slimsweep.workers.run import run_bundle
+
+    return run_bundle
+
+
 def run_one(
-    config: dict[str, Any], trial_fn: TrialFn | None = None, results: str | None = None
+    config: dict[str, Any],
+    trial_fn: TrialFn | None = None,
+    bundle_fn: BundleFn | None = None,
+    results: str | None = None,
 ) -> None:
-    """One Tune trial: run the spec, report each epoch (with its restart checkpoint) and
-    finally the record, which is the trial's failure record if it raised. With
-    runtime.save_model best, the trial's kept weights go to the store at `results` (this
-    worker writes them: a model is too large for a Tune report) before the record is sent."""
+    """One Tune trial: one slimsweep trial, or a bundle of them trained fused. Reports each
+    epoch (a single trial with its restart checkpoint) and each trial's final record as soon
+    as it has one: its result, or its failure record if it raised. With runtime.save_model
+    best, each trial's kept weights go to the store at `results` (this worker writes them: a
+    model is too large for a Tune report) before its record is sent."""
     from ray import tune
 
-    spec = TrialSpec.from_json(config["spec"])
-    fn = trial_fn or _default_trial_fn()
+    specs = [TrialSpec.from_json(text) for text in config["specs"]]
     extra: dict[str, Any] = {}
-    if spec.runtime.save_model != "none" and results:
-        store = Store(results)
-        extra["on_weights"] = lambda folder: store.put_model(spec.trial_id, folder)
+    if specs[0].runtime.save_model != "none" and results:
+        extra["on_weights"] = Store(results).put_model
     checkpoints = True  # off after the first checkpoint the storage cannot take
 
     def on_epoch(row: EpochRow, checkpoint_dir: str | None) -> None:
         nonlocal checkpoints
-        metrics = {"epoch": row.epoch, "train_loss": row.train_loss, "val_acc": row.val_acc}
+        metrics = {
+            "epoch": row.epoch,
+            "train_loss": row.train_loss,
+            "val_acc": row.val_acc,
+            TRIAL_KEY: row.trial_id,
+        }
         if checkpoint_dir and checkpoints:
             try:
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
                 return
             except RuntimeError as e:  # storage not shared with this node: go on without
                 checkpoints = False
-                print(f"slimsweep: trial {spec.trial_id}: checkpoints off: {e}", file=sys.stderr)
+                print(f"slimsweep: trial {row.trial_id}: checkpoints off: {e}", file=sys.stderr)
         tune.report(metrics)
 
     started = datetime.now(UTC).isoformat()
     t0 = time.monotonic()
     node = trial_node()
+    reported: set[int] = set()
+
+    def failure(i: int, error: BaseException) -> tuple[TrialResult, list[EpochRow]]:
+        failed = failure_result(specs[i], error, started_at=started, wall_s=time.monotonic() - t0)
+        if len(specs) > 1:
+            failed = dataclasses.replace(failed, bundle_id=bundle_id(specs), bundle_size=len(specs))
+        return failed, []
+
+    def report(i: int, outcome: tuple[TrialResult, list[EpochRow]] | BaseException) -> None:
+        if isinstance(outcome, BaseException):
+            outcome = failure(i, outcome)
+        result, epochs = outcome
+        reported.add(i)
+        tune.report({RECORD_KEY: encode_record(dataclasses.replace(result, node=node), epochs)})
+
+    if len(specs) > 1:
+        try:
+            (bundle_fn or _default_bundle_fn())(specs, on_epoch=on_epoch, on_done=report, **extra)
+        except Exception as e:  # the whole bundle failed: each trial not yet recorded with it
+            for i in range(len(specs)):
+                if i not in reported:
+                    report(i, e)
+        finally:
+            release_memory()
+        return
     restored = tune.get_checkpoint()
     resume_dir = restored.to_directory() if restored else None
     try:
-        result, epochs = fn(spec, on_epoch=on_epoch, resume_from=resume_dir, **extra)
-        record = encode_record(dataclasses.replace(result, node=node), epochs)
+        outcome = (trial_fn or _default_trial_fn())(
+            specs[0], on_epoch=on_epoch, resume_from=resume_dir, **extra
+        )
     except Exception as e:  # recorded as the trial's result; deterministic, so not retried
-        failed = failure_result(spec, e, started_at=started, wall_s=time.monotonic() - t0)
-        record = encode_record(dataclasses.replace(failed, node=node), [])
+        outcome = failure(0, e)  # the record, not the error: its frames hold the trial's tensors
     finally:
         if resume_dir:
             shutil.rmtree(resume_dir, ignore_errors=True)
         release_memory()
-    tune.report({RECORD_KEY: record})
+    report(0, outcome)
 
 
 def release_memory() -> None:
@@ -373,17 +431,21 @@ def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> A
         not two), and at least every HEARTBEAT_S while trials run."""
 
         def __init__(self) -> None:
-            self.ids: dict[str, str] = {}  # Tune's trial id -> slimsweep's
-            self.started: dict[str, float] = {}
-            self.recoveries: dict[str, int] = {}
-            self.recorded: set[str] = set()
+            self.specs: dict[str, list[TrialSpec]] = {}  # Tune's trial id -> slimsweep's trials
+            self.started: dict[str, float] = {}  # slimsweep's trial id -> when it started
+            self.recoveries: dict[str, int] = {}  # Tune's trial id -> times it was retried
+            self.recorded: set[str] = set()  # slimsweep's trial ids
             self.last = ""
             self.shown_at = -math.inf
 
-        def _id(self, trial: Any) -> str:
-            if trial.trial_id not in self.ids:
-                self.ids[trial.trial_id] = TrialSpec.from_json(trial.config["spec"]).trial_id
-            return self.ids[trial.trial_id]
+        def _specs(self, trial: Any) -> list[TrialSpec]:
+            """The slimsweep trials a Tune trial runs (one, or a fused bundle)."""
+            if trial.trial_id not in self.specs:
+                self.specs[trial.trial_id] = _specs(trial)
+            return self.specs[trial.trial_id]
+
+        def _ids(self, trial: Any) -> list[str]:
+            return [s.trial_id for s in self._specs(trial)]
 
         def _show(self, force: bool = False) -> None:
             line = tally.line()
@@ -401,55 +463,69 @@ def _make_callback(store: Store, tally: Tally, echo: Callable[[str], None]) -> A
             self._show()
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            tally.start(self._id(trial))
-            self.started.setdefault(self._id(trial), time.monotonic())
+            for tid in self._ids(trial):
+                if tid not in self.recorded:  # a retried bundle: only its unrecorded trials
+                    tally.start(tid)
+                    self.started.setdefault(tid, time.monotonic())
 
         def on_trial_result(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
         ) -> None:
-            tid = self._id(trial)
+            ids = self._ids(trial)
             if RECORD_KEY not in result:
                 if isinstance(result.get("epoch"), int):
-                    tally.epoch(tid, result["epoch"])
+                    tally.epoch(result.get(TRIAL_KEY, ids[0]), result["epoch"])
                 return
             try:
                 record, epochs = decode_record(result[RECORD_KEY])
             except (ValueError, TypeError, KeyError) as e:  # not from run_one: a bug, recorded
-                record, epochs = failure_result(TrialSpec.from_json(trial.config["spec"]), e), []
-            record = dataclasses.replace(record, attempt=1 + self.recoveries.get(tid, 0))
-            record, sent = keep(store, record, epochs, echo)
+                specs = self._specs(trial)
+                spec = next((s for s in specs if s.trial_id not in self.recorded), specs[0])
+                record, epochs = failure_result(spec, e), []
+            attempt = 1 + self.recoveries.get(trial.trial_id, 0)
+            record, sent = keep(store, dataclasses.replace(record, attempt=attempt), epochs, echo)
             if record.status != "ok":
                 error = f"{record.error_type}: {record.error_message}".splitlines()[0]
                 echo(f"trial {record.trial_id} failed: {error}")
             # A trial retried after its record arrived (its node went right after) reports
             # again: the store file is replaced, the counts must not grow.
+            tid = record.trial_id
             if tid not in self.recorded:
                 self.recorded.add(tid)
                 took = time.monotonic() - self.started.get(tid, time.monotonic())
                 tally.finish(tid, record.status == "ok", took, sent)
 
         def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            tid = self._id(trial)
-            self.recoveries[tid] = self.recoveries.get(tid, 0) + 1
-            if tid not in self.recorded:
-                tally.retry(tid)
+            self.recoveries[trial.trial_id] = self.recoveries.get(trial.trial_id, 0) + 1
+            for tid in self._ids(trial):
+                if tid not in self.recorded:  # a bundle reruns only its unrecorded trials
+                    tally.retry(tid)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            """Out of retries (process or node lost max_failures + 1 times)."""
-            tid = self._id(trial)
-            if tid in self.recorded:
-                return
-            self.recorded.add(tid)
-            spec = TrialSpec.from_json(trial.config["spec"])
+            """Out of retries (process or node lost max_failures + 1 times): every trial of
+            it without a record fails with Ray's error."""
+            specs = self._specs(trial)
             error = _trial_error(trial)
-            failed = failure_result(spec, error)
-            failed = dataclasses.replace(failed, attempt=1 + self.recoveries.get(tid, 0))
-            _, sent = keep(store, failed, [], echo)
-            tally.finish(tid, False, 0.0, sent)
             first = f"{type(error).__name__}: {error}".splitlines()[0]
-            echo(f"trial {spec.trial_id} failed: {first}")
+            attempt = 1 + self.recoveries.get(trial.trial_id, 0)
+            bundle = {"bundle_id": bundle_id(specs), "bundle_size": len(specs)}
+            for spec in specs:
+                if spec.trial_id in self.recorded:
+                    continue
+                self.recorded.add(spec.trial_id)
+                failed = dataclasses.replace(failure_result(spec, error), attempt=attempt)
+                if len(specs) > 1:
+                    failed = dataclasses.replace(failed, **bundle)
+                _, sent = keep(store, failed, [], echo)
+                tally.finish(spec.trial_id, False, 0.0, sent)
+                echo(f"trial {spec.trial_id} failed: {first}")
 
     return Recorder()
+
+
+def _specs(trial: Any) -> list[TrialSpec]:
+    """The slimsweep trials a Tune trial runs (one, or a fused bundle)."""
+    return [TrialSpec.from_json(text) for text in trial.config["specs"]]
 
 
 def _trial_error(trial: Any) -> BaseException:
@@ -530,10 +606,11 @@ def launch(
     rerun: frozenset[str] = frozenset(),
     echo: Callable[[str], None] = print_line,
     trial_fn: TrialFn | None = None,
+    bundle_fn: BundleFn | None = None,
 ) -> LaunchSummary:
     """Run the grid's missing trials (and those in `rerun`) on Ray Tune; results land in
-    `results_root` (the grid's own folder or URI). `trial_fn` replaces `workers.run.run_trial`
-    (same signature).
+    `results_root` (the grid's own folder or URI). `trial_fn` replaces `workers.run.run_trial`,
+    `bundle_fn` `workers.run.run_bundle` (same signatures).
 
     Before Ray starts: the store must answer (GridError otherwise), this launch takes the
     store's lease (GridError naming the live launch holding it), deletes what dead launches
@@ -572,7 +649,7 @@ def launch(
         if not to_run:
             echo("nothing to run")
             return summary
-        tally = _run_tune(grid, store, to_run, address, max_concurrent, echo, trial_fn)
+        tally = _run_tune(grid, store, to_run, address, max_concurrent, echo, trial_fn, bundle_fn)
         return dataclasses.replace(
             summary,
             ok=tally.ok,
@@ -712,12 +789,21 @@ def _run_tune(
     max_concurrent: int | None,
     echo: Callable[[str], None],
     trial_fn: TrialFn | None,
+    bundle_fn: BundleFn | None,
 ) -> Tally:
     ray, started = _connect(address, echo)
     try:
         cluster = _probe_cluster(ray)
         resources = trial_resources(grid, specs, cluster, lambda m: echo(f"warning: {m}"))
-        echo(f"{len(cluster.nodes)} Ray nodes; each trial gets {_fmt(resources)}")
+        groups, resources = plan_bundles(grid, specs, resources)
+        if len(groups) < len(specs):
+            echo(
+                f"{len(cluster.nodes)} Ray nodes; {len(specs)} trials fused into "
+                f"{len(groups)} bundles of up to {max(map(len, groups))} seeds "
+                f"(runtime.fuse: {grid.runtime.fuse}); each bundle gets {_fmt(resources)}"
+            )
+        else:
+            echo(f"{len(cluster.nodes)} Ray nodes; each trial gets {_fmt(resources)}")
         # Our progress line replaces Tune's tables and its checkpoint-frequency warnings.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -728,12 +814,11 @@ def _run_tune(
         storage = f"{store.root}/{TUNE_DIR}"
         # Workers reach the store by an absolute path or URI (their working folder differs).
         where = store.uri if store.scheme and store.scheme != "file" else store.root
-        trainable = tune.with_resources(
-            tune.with_parameters(run_one, trial_fn=trial_fn, results=where), resources
-        )
+        run = tune.with_parameters(run_one, trial_fn=trial_fn, bundle_fn=bundle_fn, results=where)
+        trainable = tune.with_resources(run, resources)
         tuner = tune.Tuner(
             trainable,
-            param_space={"spec": tune.grid_search([s.to_json() for s in specs])},
+            param_space={"specs": tune.grid_search([[s.to_json() for s in g] for g in groups])},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=max_concurrent,
                 # A trial process imports torch and transformers (seconds on CPU): keep it for
@@ -795,7 +880,8 @@ def _quiet_ray() -> Iterator[None]:
 
 
 def _trial_name(trial: Any) -> str:
-    return TrialSpec.from_json(trial.config["spec"]).trial_id
+    specs = _specs(trial)
+    return specs[0].trial_id if len(specs) == 1 else f"bundle-{bundle_id(specs)}"
 
 
 def _fmt(resources: dict[str, float]) -> str:

@@ -1,5 +1,5 @@
-"""Grid -> trial specs, and what is left to run: set operations on trial ids. Also the
-checks that need more than the grid file (a model's tokenizer), made before anything runs."""
+"""Grid -> trial specs, what is left to run (set operations on trial ids), and bundles. Also
+the checks that need more than the grid file (a model's tokenizer), made before anything runs."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from slimsweep.workers.spec import (
     TaskSpec,
     TrainSpec,
     TrialSpec,
+    bundle_key,
 )
 from slimsweep.workers.tasks import HUB_COUNTS, PoolCounts
 
@@ -189,3 +190,22 @@ def gpu_hours(specs: Iterable[TrialSpec]) -> Estimate:
         full_s += (s.train.epochs * epoch_ms + test_ms) / 1000
         early_s += (min(s.train.epochs, 20) * epoch_ms + test_ms) / 1000
     return Estimate(hours=full_s / 3600, hours_at_20=early_s / 3600, unknown=unknown)
+
+
+def bundles(specs: list[TrialSpec], size: int) -> list[list[TrialSpec]]:
+    """`specs` in bundles of at most `size` trials that differ only in seed
+    (`workers.spec.bundle_key`; a trial without a key trains alone), in grid order: each
+    bundle where its first trial stands."""
+    groups: dict[str, list[list[TrialSpec]]] = {}
+    out: list[list[TrialSpec]] = []
+    for spec in specs:
+        key = bundle_key(spec) if size > 1 else None
+        if key is None:
+            out.append([spec])
+            continue
+        chunks = groups.setdefault(key, [])
+        if not chunks or len(chunks[-1]) >= size:
+            chunks.append([])
+            out.append(chunks[-1])
+        chunks[-1].append(spec)
+    return out

@@ -17,6 +17,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
@@ -131,6 +132,9 @@ class RuntimeSpec:
     cache_dir: str | None = None  # de-quantised / downloaded models, shared by trials
     # best: keep the best epoch's trained weights in the result store (`slimsweep export`)
     save_model: str = "none"
+    # Train a cell's seeds together (workers.fused): auto (on GPU, as many as fit; off on
+    # CPU) | off | N (at most N seeds per bundle, on any device)
+    fuse: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -280,6 +284,7 @@ class TrialSpec:
         check_sampler(self.data)
         check_selection(self.selection)
         check_finetune(self.finetune, self.layers, self.runtime.device)
+        fuse_limit(self.runtime.fuse, on_gpu=True)  # auto and off are valid on any device
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide what is computed (the grid name and runtime are not)."""
@@ -429,6 +434,43 @@ def check_sampler(data: DataSpec) -> None:
             f"the authors' code uses one number (num_test) for both: make them equal, or set "
             f"data.sampler: slimsweep"
         )
+
+
+def fuse_limit(fuse: str, on_gpu: bool) -> int | None:
+    """The most trials one bundle may hold under `runtime.fuse`: 1 (no fusion) for off and
+    for auto on CPU (fusing buys nothing there: CPU kernels are busy at batch 1), N for "N",
+    None for auto on GPU (as many as its memory holds). SpecError for any other value."""
+    if fuse == "off" or (fuse == "auto" and not on_gpu):
+        return 1
+    if fuse == "auto":
+        return None
+    if not (fuse.isascii() and fuse.isdigit()) or int(fuse) < 1:  # not "²": int() refuses it
+        raise SpecError(
+            f"runtime.fuse: {fuse!r} is not auto, off or a number of trials; "
+            f"write e.g. fuse: auto, fuse: off or fuse: 5"
+        )
+    return int(fuse)
+
+
+def bundle_key(spec: TrialSpec) -> str | None:
+    """What trials must share to train fused (`workers.run.run_bundle`): everything but the
+    seed. None for a trial that trains alone: fused training batches full fine-tuning of the
+    stock HF forward, gathered at the last position, uncompiled, of one architecture (a
+    `random` selection keeps other layers for each seed, and Gemma 2/3 alternate sliding and
+    global attention by layer)."""
+    rt = spec.runtime
+    if spec.finetune.mode != "full" or rt.compile or not rt.last_position_logits:
+        return None
+    if spec.selection.method == "random":
+        return None
+    identity = spec.identity()
+    del identity["seed"]
+    return json.dumps(identity, sort_keys=True)
+
+
+def bundle_id(specs: Sequence[TrialSpec]) -> str:
+    """A bundle's name: a hash of its trial ids (the same trials, the same bundle)."""
+    return hashlib.sha256(",".join(sorted(s.trial_id for s in specs)).encode()).hexdigest()[:16]
 
 
 class SpecError(ValueError):
@@ -720,4 +762,3 @@ def check_calibration(cal: CalibrationSpec, key: str = "calibration") -> None:
             f"{key}.max_tokens: {cal.max_tokens} is below 2 (the LM loss needs a next token); "
             f"use e.g. 128"
         )
-

@@ -1,10 +1,12 @@
 """The training loop: AdamW, epochs, validation, early stopping, best-epoch test, restarts.
 
-One loop for every head (see `heads`). The model is selected on validation accuracy: the
-best epoch's weights are kept (a CPU copy) and tested. No per-step host sync: the epoch's
-loss is summed on the device and read once per epoch.
+One loop for every head (see `heads`) and for N >= 1 trials that differ only in seed
+(`train_bundle`: one trial on its own model, several fused as one stacked model, see
+`workers.fused`). Each trial is selected on its validation accuracy: the best epoch's weights
+are kept (a CPU copy) and tested. No per-step host sync: the epoch's losses are summed on the
+device and read once per epoch.
 
-Restarts: at the end of an epoch, when a checkpoint is due (`checkpoint_due`: every
+Restarts (a single trial): at the end of an epoch, when a checkpoint is due (`checkpoint_due`: every
 `runtime.checkpoint_every` epochs, and at least `runtime.checkpoint_min_s` after the last one),
 the loop writes what it needs to go on (the trainable weights, optimiser, RNG states, history,
 best trainable weights; the frozen rest is rebuilt from the source) into a fresh temporary
@@ -31,7 +33,15 @@ import numpy as np
 import torch
 from slimsweep.workers.families import compile_layers, family_of
 from slimsweep.workers.finetune import load_trainable, trainable_parameters, trainable_state
-from slimsweep.workers.heads import HEADS, Encoded, batch_loss, predict_logits
+from slimsweep.workers.fused import FuseError, Layout, Stack
+from slimsweep.workers.heads import (
+    HEADS,
+    Encoded,
+    batch_loss,
+    collate,
+    output_logits,
+    predict_logits,
+)
 from slimsweep.workers.spec import EpochRow, RuntimeSpec, SpecError, TrialSpec
 from torch import nn
 
@@ -39,7 +49,8 @@ OnEpoch = Callable[[EpochRow, str | None], None]
 
 
 class LossNotFinite(SpecError):
-    """The training loss became NaN or infinite: the trial stops at that epoch."""
+    """The training loss became NaN or infinite: the trial stops at that epoch (in a bundle,
+    that trial alone fails; the others go on)."""
 
 
 CHECKPOINT_FILE = "state.pt"
@@ -308,78 +319,259 @@ def train(
     resume_from: str | None = None,
 ) -> TrainOutcome:
     """Fine-tune `model` (already on `device`) on data.train, select the epoch on data.valid,
-    and predict data.test with the best epoch's weights."""
+    and predict data.test with the best epoch's weights: `train_bundle` with one trial."""
+    (out,) = train_bundle(
+        [spec],
+        [model],
+        [data],
+        pad_id=pad_id,
+        device=device,
+        on_epoch=on_epoch,
+        resume_from=resume_from,
+    )
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
+@dataclass
+class _Trial:
+    """One trial of a bundle: its own data, data order, history and best weights."""
+
+    spec: TrialSpec
+    data: Splits
+    order: torch.Generator  # the data order (seeded by the trial's seed)
+    state: _State
+    predict: Callable[[nn.Module, Sequence[Encoded]], list[int]]
+
+    def finished(self) -> bool:
+        cfg = self.spec.train
+        return self.state.epoch >= cfg.epochs or should_stop(self.state.val_history, cfg.patience)
+
+
+class SingleRunner:
+    """One trial: its own model, as the worker always ran it (global dropout generator)."""
+
+    def __init__(self, spec: TrialSpec, model: nn.Module, label_ids: torch.Tensor, pad_id: int):
+        self.spec, self.model, self.label_ids, self.pad_id = spec, model, label_ids, pad_id
+        self.optimizer = make_optimizer(spec, model)
+
+    def step(self, batches: list[list[Encoded]], device: torch.device) -> torch.Tensor:
+        args = (self.label_ids, self.optimizer, self.pad_id, device)
+        return train_step(self.spec, self.model, batches[0], *args).reshape(1)
+
+    def model_of(self, row: int) -> nn.Module:
+        return self.model
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def keep(self, rows: Sequence[int]) -> None:
+        pass
+
+
+class FusedRunner:
+    """N trials as one `Stack`: one forward/backward and one AdamW step for all."""
+
+    def __init__(
+        self,
+        spec: TrialSpec,
+        models: Sequence[nn.Module],
+        label_ids: torch.Tensor,
+        pad_id: int,
+        generators: Sequence[torch.Generator],
+    ):
+        self.spec, self.label_ids, self.pad_id = spec, label_ids, pad_id
+        self.stack = Stack(models)
+        device = label_ids.device
+        self.stack.module.to(device)  # the stacked parameters move in place
+        self.stack.view.to(device)
+        self.generators = list(generators)
+        self.optimizer = torch.optim.AdamW(
+            self.stack.params,
+            lr=spec.train.lr,
+            weight_decay=spec.train.weight_decay,
+            fused=spec.runtime.fused_adamw,
+        )
+
+    def step(self, batches: list[list[Encoded]], device: torch.device) -> torch.Tensor:
+        """Each trial's batch, padded to the longest prompt of all; per-trial mean losses [N]
+        (their sum is what backward sees, so each trial gets its own gradient)."""
+        head, rows = HEADS[self.spec.head], len(batches[0])
+        examples = [e for b in batches for e in b]
+        batch = collate(
+            [e.input_ids for e in examples], [e.label for e in examples], self.pad_id, device
+        )
+        layout = Layout(
+            rows=rows,
+            widths=tuple(max(len(e.input_ids) for e in b) for b in batches),
+            width=batch.input_ids.shape[1],
+            generators=tuple(self.generators),
+        )
+        loss_fn = head.loss(self.spec.train.lm_loss)
+        with autocast(self.spec.train.precision, device):
+            out = self.stack.forward(layout, lambda m: output_logits(m, head, batch))
+            losses = torch.stack(
+                [
+                    loss_fn(o, y, self.label_ids)
+                    for o, y in zip(out.split(rows), batch.labels.split(rows), strict=True)
+                ]
+            )
+        losses.sum().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return losses.detach()
+
+    def model_of(self, row: int) -> nn.Module:
+        return self.stack.load(row)
+
+    def train_mode(self) -> None:
+        self.stack.module.train()
+
+    def keep(self, rows: Sequence[int]) -> None:
+        self.stack.keep(rows, self.optimizer)
+        self.generators = [self.generators[r] for r in rows]
+
+
+def train_bundle(
+    specs: Sequence[TrialSpec],
+    models: Sequence[nn.Module],
+    datas: Sequence[Splits],
+    *,
+    pad_id: int,
+    device: torch.device,
+    generators: Sequence[torch.Generator] = (),
+    on_epoch: OnEpoch | None = None,
+    on_done: Callable[[int, TrainOutcome | BaseException, nn.Module | None], None] | None = None,
+    resume_from: str | None = None,
+) -> list[TrainOutcome | BaseException]:
+    """Train N >= 1 trials that differ only in seed, each as `train` would alone.
+
+    One trial runs its own model. Several run fused (`workers.fused.Stack`): `generators` are
+    their dropout generators, each where torch's global generator stood when that trial's
+    separate run would start training. Every epoch each trial takes its own steps on its own
+    data order, is validated with its own weights and stops on its own curve; a stopped trial
+    is tested with its best weights and leaves the stack, the others go on. A trial whose
+    loss is not finite fails alone. `on_epoch(row, checkpoint folder)` gets every trial's
+    epoch rows (restart checkpoints for a single trial only: `folder` is None for a bundle);
+    `on_done(i, outcome, model)` each trial's outcome (or error) as soon as it has one, with a
+    model that holds that trial's best weights for the length of the call (None for an error)."""
     t0 = time.monotonic()
+    spec, n = specs[0], len(specs)
     cfg, runtime = spec.train, spec.runtime
     head = HEADS[spec.head]
-    label_ids = torch.tensor(list(data.label_ids), dtype=torch.long, device=device)
-    if runtime.compile:
-        compile_layers(model)
-    optimizer = make_optimizer(spec, model)
-    gen = torch.Generator().manual_seed(spec.seed)
-    state = _State(rows=[], val_history=[], best_state=None, train_tokens=0, elapsed_s=0.0)
+    label_ids = torch.tensor(list(datas[0].label_ids), dtype=torch.long, device=device)
+    if n == 1:
+        if runtime.compile:
+            compile_layers(models[0])
+        runner: SingleRunner | FusedRunner = SingleRunner(spec, models[0], label_ids, pad_id)
+    else:
+        steps_of = {len(d.train) for d in datas}
+        if len(steps_of) > 1 or len({tuple(d.label_ids) for d in datas}) > 1:
+            raise FuseError("a bundle's trials must have equal train sizes and label words")
+        runner = FusedRunner(spec, models, label_ids, pad_id, generators)
+    trials = []
+    for s, d, m in zip(specs, datas, models, strict=True):
+        longest = max(len(e.input_ids) for part in (d.valid, d.test) for e in part)
+        eval_kw = {
+            "prefix_ids": d.prefix_ids,
+            "label_ids": label_ids,
+            "pad_id": pad_id,
+            "batch_size": eval_batch_size(runtime, m, longest, device),
+            "last_position": runtime.last_position_logits,
+            "prefix_cache": runtime.prefix_cache,
+        }
+
+        def predict(model: nn.Module, examples: Sequence[Encoded], kw=eval_kw) -> list[int]:
+            model.eval()
+            with autocast(cfg.precision, device):
+                logits = predict_logits(model, head, examples, **kw)
+            return logits.argmax(dim=1).tolist()
+
+        state = _State(rows=[], val_history=[], best_state=None, train_tokens=0, elapsed_s=0.0)
+        trials.append(_Trial(s, d, torch.Generator().manual_seed(s.seed), state, predict))
     if resume_from:
-        state = _load(resume_from, model, optimizer, gen)
-    earlier_s = state.elapsed_s
-    longest = max(len(e.input_ids) for s in (data.valid, data.test) for e in s)
-    eval_kw = {
-        "prefix_ids": data.prefix_ids,
-        "label_ids": label_ids,
-        "pad_id": pad_id,
-        "batch_size": eval_batch_size(runtime, model, longest, device),
-        "last_position": runtime.last_position_logits,
-        "prefix_cache": runtime.prefix_cache,
-    }
-
-    def predict(examples: Sequence[Encoded]) -> list[int]:
-        model.eval()
-        with autocast(cfg.precision, device):
-            logits = predict_logits(model, head, examples, **eval_kw)
-        return logits.argmax(dim=1).tolist()
-
-    n = len(data.train)
+        trials[0].state = _load(resume_from, models[0], runner.optimizer, trials[0].order)
+    earlier_s = trials[0].state.elapsed_s
+    outcomes: list[TrainOutcome | BaseException | None] = [None] * n
+    active = list(range(n))  # trial indices, in the runner's row order
+    n_train = len(datas[0].train)
     last_checkpoint = t0
-    while state.epoch < cfg.epochs and not should_stop(state.val_history, cfg.patience):
+
+    def done(i: int, outcome: TrainOutcome | BaseException, model: nn.Module | None) -> None:
+        outcomes[i] = outcome
+        if on_done is not None:
+            on_done(i, outcome, model)
+
+    while True:
+        keep = [r for r, i in enumerate(active) if outcomes[i] is None]
+        for r, i in enumerate(active):
+            if outcomes[i] is None and trials[i].finished():
+                model = runner.model_of(r)
+                done(i, _test(trials[i], model, earlier_s), model)
+                keep.remove(r)
+        if len(keep) < len(active):
+            if keep:
+                runner.keep(keep)
+            active = [active[r] for r in keep]
+        if not active:
+            break
         start = time.monotonic()
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        order = torch.randperm(n, generator=gen).tolist()
+        runner.train_mode()
+        loss_sum = torch.zeros(len(active), device=device)
+        orders = [torch.randperm(n_train, generator=trials[i].order).tolist() for i in active]
         steps = 0
-        for i in range(0, n, cfg.batch_size):
-            examples = [data.train[j] for j in order[i : i + cfg.batch_size]]
-            loss_sum += train_step(spec, model, examples, label_ids, optimizer, pad_id, device)
-            state.train_tokens += sum(len(e.input_ids) for e in examples)
+        for b in range(0, n_train, cfg.batch_size):
+            batches = [
+                [trials[i].data.train[j] for j in order[b : b + cfg.batch_size]]
+                for i, order in zip(active, orders, strict=True)
+            ]
+            loss_sum += runner.step(batches, device)
+            for i, examples in zip(active, batches, strict=True):
+                trials[i].state.train_tokens += sum(len(e.input_ids) for e in examples)
             steps += 1
-        loss = loss_sum.item() / steps  # the epoch's one host sync
-        if not math.isfinite(loss):  # diverged: every later epoch would be NaN too
-            raise LossNotFinite(
-                f"trial {spec.trial_id}: the training loss is {loss} at epoch {state.epoch + 1}; "
-                f"training diverged: lower training.lr (now {cfg.lr:g})"
-                + (" or use precision fp32" if cfg.precision != "fp32" else "")
-            )
-        valid = data.valid
-        val_acc = accuracy(predict(valid), [e.label for e in valid])
-        state.val_history.append(val_acc)
-        if best_epoch(state.val_history) == state.epoch:
-            state.best_state = trainable_state(model)
         wall = time.monotonic() - start
-        row = EpochRow(spec.trial_id, state.epoch, loss, val_acc, wall)
-        state.rows.append(row)
-        if on_epoch is not None:
+        for r, (i, total) in enumerate(zip(active, loss_sum.tolist(), strict=True)):
+            trial, state = trials[i], trials[i].state
+            loss = total / steps
+            if not math.isfinite(loss):
+                # diverged: every later epoch would be NaN too
+                error = LossNotFinite(
+                    f"trial {trial.spec.trial_id}: the training loss is {loss} at epoch "
+                    f"{state.epoch + 1}; training diverged: lower training.lr (now {cfg.lr:g})"
+                    + (" or use precision fp32" if cfg.precision != "fp32" else "")
+                )
+                done(i, error, None)
+                continue
+            model = runner.model_of(r)
+            valid = trial.data.valid
+            val_acc = accuracy(trial.predict(model, valid), [e.label for e in valid])
+            state.val_history.append(val_acc)
+            if best_epoch(state.val_history) == state.epoch:
+                state.best_state = trainable_state(model)
+            row = EpochRow(trial.spec.trial_id, state.epoch, loss, val_acc, wall)
+            state.rows.append(row)
+            if on_epoch is None:
+                continue
             folder = None
-            if checkpoint_due(runtime, state.epoch, time.monotonic() - last_checkpoint):
+            if n == 1 and checkpoint_due(runtime, state.epoch, time.monotonic() - last_checkpoint):
                 elapsed = state.elapsed_s + time.monotonic() - t0
-                folder = _save(state, elapsed, model, optimizer, gen)
+                folder = _save(state, elapsed, model, runner.optimizer, trial.order)
                 last_checkpoint = time.monotonic()
             try:
                 on_epoch(row, folder)
             finally:
                 if folder:
                     shutil.rmtree(folder, ignore_errors=True)
+    return [o for o in outcomes if o is not None]
 
+
+def _test(trial: _Trial, model: nn.Module, earlier_s: float) -> TrainOutcome:
+    """The trial's outcome: its best epoch's weights predict its test set."""
+    state = trial.state
     if state.best_state is not None:
         load_trainable(model, state.best_state)
-    test_preds = predict(data.test)
+    test_preds = trial.predict(model, trial.data.test)
     best = best_epoch(state.val_history)
     return TrainOutcome(
         rows=tuple(state.rows),

@@ -73,6 +73,9 @@ INVALID = [
     ({"runtime": RuntimeSpec(eval_batch_size=-2)}, "runtime.eval_batch_size: -2 is too small"),
     ({"runtime": RuntimeSpec(checkpoint_every=-1)}, "runtime.checkpoint_every: -1 is too small"),
     ({"runtime": RuntimeSpec(checkpoint_min_s=math.nan)}, "runtime.checkpoint_min_s: nan is not"),
+    ({"runtime": RuntimeSpec(fuse="sometimes")}, "runtime.fuse: 'sometimes' is not auto, off"),
+    ({"runtime": RuntimeSpec(fuse="0")}, "runtime.fuse: '0' is not auto, off or a number"),
+    ({"runtime": RuntimeSpec(fuse="²")}, "runtime.fuse: '²' is not auto, off or a number"),
     ({"finetune": FinetuneSpec(lora_dropout=math.inf)}, "finetune.lora_dropout: inf is not"),
     ({"task": dataclasses.replace(SST2, template=5)}, "task.template: expected text, got 5"),
     (
@@ -153,6 +156,8 @@ seeds: [0]
         ),
         (GRID.replace("seeds: [0]", "seeds: [100000000000000000000]"), {"seed": 10**20}, ""),
         (GRID.replace("seeds: [0]", "seeds: [-3]"), {"seed": -3}, ""),
+        (GRID + "runtime: {fuse: sometimes}\n", {"runtime": RuntimeSpec(fuse="sometimes")}, ""),
+        (GRID + "runtime: {fuse: 0}\n", {"runtime": RuntimeSpec(fuse="0")}, ""),
     ],
 )
 def test_grid_spec_file_and_run_trial_refuse_the_same_values(

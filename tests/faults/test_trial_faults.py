@@ -113,7 +113,7 @@ def run_in_fake_tune(monkeypatch, spec: TrialSpec, fn) -> TrialResult:
     reports: list[dict] = []
     monkeypatch.setattr(tune, "report", lambda metrics, **_: reports.append(metrics))
     monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
-    run_one({"spec": spec.to_json()}, trial_fn=fn)
+    run_one({"specs": [spec.to_json()]}, trial_fn=fn)
     record, _ = decode_record(reports[-1][launch_module.RECORD_KEY])
     return record
 

@@ -29,7 +29,7 @@ from slimsweep.orchestrator.grid import GridError, load_grid
 from slimsweep.orchestrator.launch import launch
 from slimsweep.orchestrator.plan import expand
 from slimsweep.orchestrator.store import Store
-from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec
+from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec, bundle_id
 
 EPOCHS = 4
 
@@ -278,3 +278,88 @@ def test_damaged_result_files_are_rerun_by_the_next_launch_and_replaced(ray_loca
         contents = Store(str(results)).scan()
     assert contents.done == {a, b, c} and not contents.damaged
     assert contents.epochs.num_rows == EPOCHS * 3
+
+
+def epoch_bundle(specs: list[TrialSpec], *, on_epoch, on_done, marks: Path) -> None:
+    """Like run_bundle: the bundle's trials train together; trial i stops after epoch i + 1,
+    so trials finish (and their rows are written) one at a time, mid-bundle."""
+    rows: dict[int, list[EpochRow]] = {i: [] for i in range(len(specs))}
+    bundle = {"bundle_id": bundle_id(specs), "bundle_size": len(specs)}
+    for epoch in range(1, len(specs) + 1):
+        time.sleep(1.0)
+        for i in range(epoch - 1, len(specs)):
+            rows[i].append(EpochRow(specs[i].trial_id, epoch, 1.0 / epoch, 0.5, 0.5))
+            on_epoch(rows[i][-1], None)
+        spec = specs[epoch - 1]
+        result = TrialResult(
+            trial_id=spec.trial_id,
+            status="ok",
+            spec_json=spec.to_json(),
+            epochs_run=epoch,
+            test_acc=0.5,
+            **bundle,
+        )
+        on_done(epoch - 1, (result, rows[epoch - 1]))
+
+
+BUNDLE_DRIVER = """\
+import functools, sys
+from pathlib import Path
+sys.path.insert(0, {here!r})
+import test_faults
+from ray import cloudpickle
+from slimsweep.orchestrator.grid import load_grid
+from slimsweep.orchestrator.launch import launch
+cloudpickle.register_pickle_by_value(test_faults)
+bundle = functools.partial(test_faults.epoch_bundle, marks=Path({marks!r}))
+launch(load_grid({grid!r}), {results!r}, bundle_fn=bundle)
+"""
+
+
+def test_killing_the_driver_mid_bundle_loses_and_duplicates_nothing(tmp_path: Path):
+    import signal
+    import subprocess
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        GRID.replace("custom: {fake_gpu: 1}", "custom: {}").replace(
+            "seeds: [0, 1, 2]", "seeds: [0, 1, 2, 3]\nruntime: {fuse: 4}"
+        )
+    )
+    grid = load_grid(path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    results = str(tmp_path / "results" / grid.name)
+    script = BUNDLE_DRIVER.format(
+        here=str(Path(__file__).parent), marks=str(marks), grid=str(path), results=results
+    )
+    driver = subprocess.Popen(
+        [sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL
+    )
+    store = Store(results)
+    deadline = time.monotonic() + 120
+    while not store.done_ids() and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    done = store.done_ids()
+    ids = {s.trial_id for s in expand(grid)}
+    assert done and done < ids, "the driver should die with the bundle half done"
+
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        bundle = functools.partial(epoch_bundle, marks=marks)
+        again = launch(grid, results, echo=lambda _: None, bundle_fn=bundle)
+    finally:
+        ray.shutdown()
+    assert set(again.to_run) == ids - done and again.exit_code == 0
+    trials, epochs = store.read_trials(), store.read_epochs()
+    assert sorted(trials.trial_id) == sorted(ids)
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert len(epochs) == trials.epochs_run.sum()
+    # the relaunch bundled only what was missing
+    assert sorted(trials.bundle_size) == sorted(
+        [4] * len(done) + [len(ids - done)] * len(ids - done)
+    )

@@ -14,6 +14,7 @@ from slimsweep.orchestrator.grid import load_grid
 from slimsweep.orchestrator.launch import launch
 from slimsweep.orchestrator.plan import expand
 from slimsweep.orchestrator.store import Store
+from slimsweep.workers.export import WEIGHTS_FILE
 
 GRID = """\
 name: tiny
@@ -110,3 +111,41 @@ def test_a_failing_trial_is_recorded_and_resume_completes_it(
     assert store.failed_ids() == set() and store.read_failures().empty
     assert_one_row_per_trial(store, {s.trial_id for s in expand(grid)})
     assert main(["status", str(path), "--results", root]) == 0
+
+
+def test_a_fused_grid_writes_the_rows_of_the_unfused_grid(
+    ray_local, tiny_models, task_dirs, tmp_path: Path
+):
+    """runtime.fuse: 2 on CPU bundles three seeds as 2 + 1: the same trial ids, the same
+    numbers (within float noise), each row naming its bundle and each trial's weights kept."""
+    rows = {}
+    for fuse in ("off", "2"):
+        path = write_grid(
+            tmp_path / f"fuse-{fuse}.yaml",
+            tiny_models["gpt2"],
+            {"sst2": task_dirs["sst2"]},
+            "[1]",
+            "[0, 1, 2]",
+        )
+        path.write_text(path.read_text() + f"runtime: {{fuse: {fuse}, save_model: best}}\n")
+        grid = load_grid(path)
+        results = str(tmp_path / f"results-{fuse}" / grid.name)
+        summary = launch(grid, results, echo=lambda _: None)
+        assert (summary.ok, summary.failed) == (3, 0)
+        store = Store(results)
+        assert_one_row_per_trial(store, {s.trial_id for s in expand(grid)})
+        trials = store.read_trials().sort_values("trial_id")
+        assert all((Path(results) / m / WEIGHTS_FILE).is_file() for m in trials.saved_model)
+        epochs = store.read_epochs().sort_values(["trial_id", "epoch"])
+        rows[fuse] = (trials, epochs)
+
+    (plain, plain_epochs), (fused, fused_epochs) = rows["off"], rows["2"]
+    assert list(fused.trial_id) == list(plain.trial_id)
+    cols = ["best_epoch", "epochs_run", "val_acc", "test_acc", "n_train", "train_tokens"]
+    assert fused[cols].values.tolist() == plain[cols].values.tolist()
+    assert fused_epochs.val_acc.tolist() == plain_epochs.val_acc.tolist()
+    assert fused_epochs.train_loss.tolist() == pytest.approx(
+        plain_epochs.train_loss.tolist(), rel=1e-4
+    )
+    assert sorted(fused.bundle_size) == [1, 2, 2] and set(plain.bundle_size) == {1}
+    assert fused.bundle_id.str.len().gt(0).sum() == 2 and set(plain.bundle_id) == {""}

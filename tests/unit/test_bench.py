@@ -82,7 +82,19 @@ def test_extrapolation_sums_trials_per_scheme_and_judges_the_goal_only_on_a_gpu(
     fast = 2 * (50 * (200 * 0.01 + 1) + 1) / 3600
     packed = 2 * (50 * (200 * 0.01 / 2 + 1) + 1) / 3600
     assert hours == pytest.approx(
-        {"naive": naive, "fast": fast, "fast-bf16": fast, "fast+packing": packed}
+        {
+            "naive": naive,
+            "fast": fast,
+            "fast-bf16": fast,
+            "fast+packing": packed,
+            "fast+fused": fast,
+        }
+    )
+    fused_steps = {("gpt2-xl", 1, head): 0.004 for head in ("prompt-lm", "vanilla-cls")}
+    with_fused = bench.extrapolate(specs, costs, {}, {}, {}, [50], False, fused=fused_steps)
+    fused = 2 * (50 * (200 * 0.004 + 1) + 1) / 3600
+    assert {r["scheme"]: r["device_hours"] for r in with_fused}["fast+fused"] == pytest.approx(
+        fused
     )
     assert {r["scheme"]: r["speedup_vs_naive"] for r in rows}["fast"] == pytest.approx(naive / fast)
     assert {r["meets_goal"] for r in rows} == {None}  # CPU numbers say nothing of H100-hours
@@ -111,4 +123,9 @@ def test_the_benchmark_runs_end_to_end_on_tiny_cpu_shapes(bench, tmp_path):
         2 * 4 * 2 * 5
     }  # shapes x tasks x heads x seeds
     assert result["meta"]["device"] == "cpu" and result["meta"]["settings"]["tiny"]
+    assert {(f["model"], f["layers"], f["head"], f["n"]) for f in result["fusing"]} == {
+        (m, k, h, 5)
+        for m, k in (("gpt2-xl", 1), ("opt-1.3b", 2))
+        for h in ("prompt-lm", "vanilla-cls")
+    }  # the paper's 5 seeds per cell fit in a CPU's memory
     assert "### Whole grid" in (out / "worker_speed.md").read_text()

@@ -66,7 +66,7 @@ def run_into_store(grid_path: Path, results: Path) -> TrialResult:
     to the store, write the record."""
     (spec,) = expand(load_grid(grid_path))
     store = Store(str(results / "exp"))
-    result, epochs = run_trial(spec, on_weights=lambda f: store.put_model(spec.trial_id, f))
+    result, epochs = run_trial(spec, on_weights=store.put_model)
     store.write_result(result, epochs)
     return result
 
@@ -149,7 +149,7 @@ def test_save_model_none_keeps_nothing(tiny_models, task_dirs, tmp_path: Path) -
     grid = write_grid(tmp_path, tiny_models["gpt2"], task_dirs["sst2"], "prompt-lm", "none")
     (spec,) = expand(load_grid(grid))
     calls: list[str] = []
-    result, _ = run_trial(spec, on_weights=calls.append)
+    result, _ = run_trial(spec, on_weights=lambda trial_id, folder: calls.append(folder))
     assert calls == [] and result.saved_model == ""
 
 

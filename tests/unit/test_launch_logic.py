@@ -25,6 +25,7 @@ from slimsweep.orchestrator.launch import (
     expected_cost,
     gpu_fraction,
     launch,
+    plan_bundles,
     plan_launch,
     status,
     trial_resources,
@@ -32,7 +33,7 @@ from slimsweep.orchestrator.launch import (
 from slimsweep.orchestrator.models import KNOWN_CONFIGS, estimate_params
 from slimsweep.orchestrator.plan import expand
 from slimsweep.orchestrator.store import Store, failure_result
-from slimsweep.workers.spec import EpochRow, TrialResult
+from slimsweep.workers.spec import EpochRow, FinetuneSpec, SelectionSpec, TrialResult
 
 GIB = 1 << 30
 
@@ -255,7 +256,7 @@ def test_progress_shows_trials_waiting_for_a_retry_and_records_the_attempt(grid,
     store = Store(str(tmp_path / "res"))
     tally = Tally.of(expand(grid))
     callback = _make_callback(store, tally, lambda _: None)
-    trial = SimpleNamespace(trial_id="tune_0", config={"spec": spec.to_json()})
+    trial = SimpleNamespace(trial_id="tune_0", config={"specs": [spec.to_json()]})
     callback.on_trial_start(0, [], trial)
     callback.on_trial_result(0, [], trial, {"epoch": 3})
     assert f"running 1 ({spec.trial_id[:8]} epoch 3/50)" in tally.line()
@@ -274,7 +275,7 @@ def test_the_progress_line_repeats_while_trials_run(grid, tmp_path, monkeypatch)
     lines: list[str] = []
     tally = Tally.of(expand(grid))
     callback = _make_callback(Store(str(tmp_path / "res")), tally, lines.append)
-    trial = SimpleNamespace(trial_id="tune_0", config={"spec": expand(grid)[0].to_json()})
+    trial = SimpleNamespace(trial_id="tune_0", config={"specs": [expand(grid)[0].to_json()]})
     callback.on_trial_start(0, [], trial)
     callback.on_step_end(0, [])
     assert len(lines) == 1
@@ -339,3 +340,64 @@ def test_ray_and_tune_loggers_are_quiet_while_tune_runs_and_restored_after():
         assert logging.getLogger("ray.tune").level == logging.CRITICAL
         assert not ray_log.isEnabledFor(logging.WARNING)
     assert ray_log.level == before
+
+
+def with_fuse(grid: Grid, fuse: str) -> Grid:
+    return dataclasses.replace(grid, runtime=dataclasses.replace(grid.runtime, fuse=fuse))
+
+
+def test_bundles_hold_seeds_of_one_cell_in_grid_order(grid):
+    specs = expand(with_fuse(grid, "2"))  # layers [1, 2] x seeds [0, 1, 2]
+    groups, res = plan_bundles(with_fuse(grid, "2"), specs, {"CPU": 1.0})
+    assert [[(s.layers, s.seed) for s in g] for g in groups] == [
+        [(1, 0), (1, 1)],
+        [(1, 2)],
+        [(2, 0), (2, 1)],
+        [(2, 2)],
+    ]
+    assert res == {"CPU": 1.0}
+
+
+def test_fuse_auto_bundles_on_gpu_only_and_asks_for_the_bundles_share(grid):
+    specs = expand(grid)
+    cpu_groups, _ = plan_bundles(grid, specs, {"CPU": 1.0})
+    assert [len(g) for g in cpu_groups] == [1] * 6
+    gpu_groups, res = plan_bundles(grid, specs, {"CPU": 1.0, "GPU": 0.25})  # 4 fit in a GPU
+    assert [len(g) for g in gpu_groups] == [3, 3] and res == {"CPU": 1.0, "GPU": 0.75}
+    off, _ = plan_bundles(with_fuse(grid, "off"), specs, {"CPU": 1.0, "GPU": 0.25})
+    assert [len(g) for g in off] == [1] * 6
+
+
+@pytest.mark.parametrize(
+    ("selection", "finetune", "fused"),
+    [
+        ("magnitude-l2", FinetuneSpec(), True),  # scores do not depend on the seed
+        ("random", FinetuneSpec(), False),  # the seed draws the layers: another model per seed
+        ("first-k", FinetuneSpec(mode="last-n", last_n=1), False),
+        ("first-k", FinetuneSpec(mode="lora"), False),
+    ],
+)
+def test_only_seeds_of_one_architecture_that_train_fully_are_bundled(
+    grid, selection, finetune, fused
+):
+    fusing = with_fuse(grid, "3")
+    specs = [
+        dataclasses.replace(s, selection=SelectionSpec(method=selection), finetune=finetune)
+        for s in expand(fusing)
+    ]
+    groups, _ = plan_bundles(fusing, specs, {"CPU": 1.0})
+    assert [len(g) for g in groups] == ([3, 3] if fused else [1] * 6)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("off", "off"), ("3", "3"), ("auto", "auto")])
+def test_runtime_fuse_reads_off_and_numbers(tmp_path, value, expected):
+    path = write_grid(tmp_path)
+    path.write_text(path.read_text() + f"runtime: {{fuse: {value}}}\n")
+    assert load_grid(path).runtime.fuse == expected
+
+
+def test_runtime_fuse_refuses_other_values(tmp_path):
+    path = write_grid(tmp_path)
+    path.write_text(path.read_text() + "runtime: {fuse: sometimes}\n")
+    with pytest.raises(GridError, match=r"runtime.fuse: 'sometimes' is not auto, off or a number"):
+        load_grid(path)
