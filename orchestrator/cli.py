@@ -23,6 +23,7 @@ from slimsweep.orchestrator.grid import Grid, GridError, load_grid
 from slimsweep.orchestrator.plan import (
     check_label_words,
     describe_data,
+    describe_fusion,
     describe_train,
     expand,
     gpu_hours,
@@ -116,6 +117,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         sizes = ", ".join(f"{t.name} {train_rows(t, grid.data)}" for t in grid.tasks)
         print(f"  training rows per trial: {sizes}")
         print(f"  protocol  {paper_protocol(specs)}")
+        print(f"  fusion    {describe_fusion(grid.runtime.fuse, specs)}")
         cost = gpu_hours(specs)
         unknown = f"; {cost.unknown} trials of unknown shape not counted" if cost.unknown else ""
         print(

@@ -20,6 +20,7 @@ from slimsweep.workers.spec import (
     TrainSpec,
     TrialSpec,
     bundle_key,
+    fuse_limit,
 )
 from slimsweep.workers.tasks import HUB_COUNTS, PoolCounts
 
@@ -209,3 +210,16 @@ def bundles(specs: list[TrialSpec], size: int) -> list[list[TrialSpec]]:
             out.append(chunks[-1])
         chunks[-1].append(spec)
     return out
+
+
+def describe_fusion(fuse: str, specs: list[TrialSpec]) -> str:
+    """What `runtime.fuse` makes of these trials (the plan's `fusion` line)."""
+    limit = fuse_limit(fuse, on_gpu=True)
+    fused = [g for g in bundles(specs, limit or len(specs)) if len(g) > 1]
+    if not fused:
+        why = "runtime.fuse: off" if limit == 1 else "no seeds of a cell that train fully"
+        return f"none, every trial trains alone ({why})"
+    n = sum(map(len, fused))
+    size = f"up to {max(map(len, fused))} seeds" + (", as many as fit" if limit is None else "")
+    where = "on a GPU" if fuse == "auto" else "on any device"
+    return f"{where}: {n} trials in {len(fused)} bundles of {size}; {len(specs) - n} alone"

@@ -23,10 +23,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from slimsweep.orchestrator.grid import GridError, load_grid
-from slimsweep.orchestrator.launch import launch
+from slimsweep.orchestrator.grid import Grid, GridError, load_grid
+from slimsweep.orchestrator.launch import LaunchSummary, launch
 from slimsweep.orchestrator.plan import expand
 from slimsweep.orchestrator.store import Store
 from slimsweep.workers.spec import EpochRow, TrialResult, TrialSpec, bundle_id
@@ -183,15 +184,52 @@ def test_a_trial_whose_process_always_dies_is_recorded_failed_and_resume_reruns_
 DRIVER = """\
 import functools, sys
 from pathlib import Path
+from typing import Any
 sys.path.insert(0, {here!r})
 import test_faults
 from ray import cloudpickle
-from slimsweep.orchestrator.grid import GridError, load_grid
-from slimsweep.orchestrator.launch import launch
+from slimsweep.orchestrator.grid import Grid, GridError, load_grid
+from slimsweep.orchestrator.launch import LaunchSummary, launch
 cloudpickle.register_pickle_by_value(test_faults)
 trial = functools.partial(test_faults.epoch_trial, marks=Path({marks!r}))
 launch(load_grid({grid!r}), {results!r}, trial_fn=trial)
 """
+
+
+def start_driver(tmp_path: Path, grid_text: str, driver: str):
+    """A launch of `grid_text` in its own process (its own session, so the driver and the Ray
+    it starts are killed together), running `driver` (DRIVER or BUNDLE_DRIVER); returns once
+    its first row is in the store, with (grid, results, store, marks, process)."""
+    import subprocess
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(grid_text)
+    grid = load_grid(path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    results = str(tmp_path / "results" / grid.name)
+    script = driver.format(
+        here=str(Path(__file__).parent), marks=str(marks), grid=str(path), results=results
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL
+    )
+    store = Store(results)
+    deadline = time.monotonic() + 120
+    while not store.done_ids() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return grid, results, store, marks, process
+
+
+def relaunch(grid: Grid, results: str, **kwargs: Any) -> LaunchSummary:
+    """The next launch, on a fresh local Ray (the killed driver's Ray died with it)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        return launch(grid, results, **kwargs)
+    finally:
+        ray.shutdown()
 
 
 def test_killing_the_driver_loses_only_the_running_trials_blocks_nothing_and_leaves_nothing(
@@ -200,29 +238,11 @@ def test_killing_the_driver_loses_only_the_running_trials_blocks_nothing_and_lea
     """While the driver runs, a second launch of the store refuses naming it; SIGKILLed, it
     blocks no later launch, which removes its Tune folder and runs exactly what it lost."""
     import signal
-    import subprocess
 
-    path = tmp_path / "grid.yaml"
-    path.write_text(
-        GRID.replace("custom: {fake_gpu: 1}", "custom: {}").replace(
-            "seeds: [0, 1, 2]", "seeds: [0, 1, 2, 3]"
-        )
+    grid_text = GRID.replace("custom: {fake_gpu: 1}", "custom: {}")
+    grid, results, store, marks, driver = start_driver(
+        tmp_path, grid_text.replace("seeds: [0, 1, 2]", "seeds: [0, 1, 2, 3]"), DRIVER
     )
-    grid = load_grid(path)
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    results = str(tmp_path / "results" / grid.name)
-    script = DRIVER.format(
-        here=str(Path(__file__).parent), marks=str(marks), grid=str(path), results=results
-    )
-    # Its own session, so the driver and the Ray it starts are killed together.
-    driver = subprocess.Popen(
-        [sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL
-    )
-    store = Store(results)
-    deadline = time.monotonic() + 120
-    while not store.done_ids() and driver.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
     # A second launch of the same grid and store, while the first runs: refused, one line.
     with pytest.raises(
         GridError, match=rf"another launch of this grid is running .*pid {driver.pid},"
@@ -237,17 +257,9 @@ def test_killing_the_driver_loses_only_the_running_trials_blocks_nothing_and_lea
     left = sorted(p.name for p in tune_dir.iterdir())
     assert len(left) == 1, "the killed launch leaves its Tune experiment behind"
 
-    import ray
-
     lines: list[str] = []
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        trial = functools.partial(epoch_trial, marks=marks)
-        again = launch(
-            grid, results, echo=lines.append, trial_fn=trial
-        )  # the dead holder: no block
-    finally:
-        ray.shutdown()
+    trial = functools.partial(epoch_trial, marks=marks)
+    again = relaunch(grid, results, echo=lines.append, trial_fn=trial)  # the dead holder: no block
     assert lines[0] == f"removed 1 Tune folder(s) a stopped launch left in _tune/: {left[0]}"
     assert list(tune_dir.iterdir()) == []
     assert set(again.to_run) == ids - done and again.exit_code == 0
@@ -305,11 +317,12 @@ def epoch_bundle(specs: list[TrialSpec], *, on_epoch, on_done, marks: Path) -> N
 BUNDLE_DRIVER = """\
 import functools, sys
 from pathlib import Path
+from typing import Any
 sys.path.insert(0, {here!r})
 import test_faults
 from ray import cloudpickle
 from slimsweep.orchestrator.grid import load_grid
-from slimsweep.orchestrator.launch import launch
+from slimsweep.orchestrator.launch import LaunchSummary, launch
 cloudpickle.register_pickle_by_value(test_faults)
 bundle = functools.partial(test_faults.epoch_bundle, marks=Path({marks!r}))
 launch(load_grid({grid!r}), {results!r}, bundle_fn=bundle)
@@ -318,42 +331,19 @@ launch(load_grid({grid!r}), {results!r}, bundle_fn=bundle)
 
 def test_killing_the_driver_mid_bundle_loses_and_duplicates_nothing(tmp_path: Path):
     import signal
-    import subprocess
 
-    path = tmp_path / "grid.yaml"
-    path.write_text(
-        GRID.replace("custom: {fake_gpu: 1}", "custom: {}").replace(
-            "seeds: [0, 1, 2]", "seeds: [0, 1, 2, 3]\nruntime: {fuse: 4}"
-        )
+    grid_text = GRID.replace("custom: {fake_gpu: 1}", "custom: {}").replace(
+        "seeds: [0, 1, 2]", "seeds: [0, 1, 2, 3]\nruntime: {fuse: 4}"
     )
-    grid = load_grid(path)
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    results = str(tmp_path / "results" / grid.name)
-    script = BUNDLE_DRIVER.format(
-        here=str(Path(__file__).parent), marks=str(marks), grid=str(path), results=results
-    )
-    driver = subprocess.Popen(
-        [sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL
-    )
-    store = Store(results)
-    deadline = time.monotonic() + 120
-    while not store.done_ids() and driver.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    grid, results, store, marks, driver = start_driver(tmp_path, grid_text, BUNDLE_DRIVER)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     done = store.done_ids()
     ids = {s.trial_id for s in expand(grid)}
     assert done and done < ids, "the driver should die with the bundle half done"
 
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        bundle = functools.partial(epoch_bundle, marks=marks)
-        again = launch(grid, results, echo=lambda _: None, bundle_fn=bundle)
-    finally:
-        ray.shutdown()
+    bundle = functools.partial(epoch_bundle, marks=marks)
+    again = relaunch(grid, results, echo=lambda _: None, bundle_fn=bundle)
     assert set(again.to_run) == ids - done and again.exit_code == 0
     trials, epochs = store.read_trials(), store.read_epochs()
     assert sorted(trials.trial_id) == sorted(ids)

@@ -114,6 +114,9 @@ def test_plan_shows_the_axis_and_the_estimate(tmp_path, capsys) -> None:
     assert main(["plan", str(tmp_path / "g.yaml")]) == 0
     out = capsys.readouterr().out
     assert "  finetunes  full, last-2\n" in out
+    # two seeds: each depth's full trials are one bundle, last-2 trains alone
+    fusion = "on a GPU: 4 trials in 2 bundles of up to 2 seeds, as many as fit; 4 alone"
+    assert f"  fusion    {fusion}\n" in out
     assert "GPU-hours, an estimate (one trial at a time on an H100" in out
     assert main(["plan", str(tmp_path / "g.yaml"), "--format", "csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
