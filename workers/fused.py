@@ -83,11 +83,23 @@ _ORIGINAL_DROPOUT = F.dropout
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     if weight.dim() == 2:
         return _ORIGINAL["linear"](x, weight, bias)
-    n = weight.shape[0]
-    xs = x.reshape(n, -1, x.shape[-1])
-    wt = weight.transpose(1, 2)
-    out = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, wt)
-    return out.reshape(*x.shape[:-1], weight.shape[1])
+    n, out_features, in_features = weight.shape
+    xs = x.reshape(n, -1, in_features)
+    if xs.shape[1] < in_features:
+        # Fewer rows than inputs (the LM head at the last position; short prompts): W @ x^T,
+        # whose weight gradient bmm writes as [N, out, in] directly. x @ W^T leaves it
+        # transposed, to be copied (and added to a tied embedding's gradient) at the cost of
+        # the whole weight, e.g. 56M floats for SmolLM2's tied 49152 x 576 head, N = 2.
+        xt = xs.transpose(1, 2)
+        if bias is None:
+            out = torch.bmm(weight, xt)
+        else:
+            out = torch.baddbmm(bias.unsqueeze(2), weight, xt)
+        out = out.transpose(1, 2)
+    else:
+        wt = weight.transpose(1, 2)
+        out = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, wt)
+    return out.reshape(*x.shape[:-1], out_features)
 
 
 def _embedding(ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None, *a, **kw):

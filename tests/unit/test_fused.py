@@ -71,6 +71,36 @@ def numbers(result, rows) -> tuple:
     )
 
 
+# 3 x 5 positions per trial, fewer than the 16 inputs: W @ x^T, whose weight gradient needs no
+# copy (the LM head at the last position); 40 x 5, more: x @ W^T, whose activations need none.
+@pytest.mark.parametrize("rows", [3, 40])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_stacked_linear_is_each_trials_linear_with_its_gradients(rows: int, bias: bool):
+    from slimsweep.workers import fused
+
+    torch.manual_seed(0)
+    n, d_in, d_out = 3, 16, 24
+    x = torch.randn(n * rows, 5, d_in, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(n, d_out, d_in, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(n, d_out, dtype=torch.float64, requires_grad=True) if bias else None
+    out = fused._linear(x, w, b)
+    want = torch.cat(
+        [
+            torch.nn.functional.linear(
+                x[i * rows : (i + 1) * rows], w[i], b[i] if b is not None else None
+            )
+            for i in range(n)
+        ]
+    )
+    torch.testing.assert_close(out, want)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, w, *([b] if bias else [])], grad)
+    expected = torch.autograd.grad(want, [x, w, *([b] if bias else [])], grad)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+    assert got[1].is_contiguous() == (rows == 3)
+
+
 # Today's worker (before fusion), run once and written down: (epoch, train loss, val acc) per
 # epoch, best epoch, its val acc, test acc.
 PINNED: dict[tuple[str, str], tuple] = {
