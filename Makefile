@@ -25,8 +25,11 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# pytest exits 5 when it collects no test; make treats that as the failure it is.
 # The qlora extra (bitsandbytes, ~125 MB) only for the tests: the demo does not need it.
-test: lint
+$(VENV)/.qlora: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[qlora]'
+	touch $@
+
+# pytest exits 5 when it collects no test; make treats that as the failure it is.
+test: lint $(VENV)/.qlora
 	$(BIN)/pytest
