@@ -201,15 +201,22 @@ def run_one(
     trial_fn: TrialFn | None = None,
     bundle_fn: BundleFn | None = None,
     results: str | None = None,
+    launched_at: datetime | None = None,
 ) -> None:
     """One Tune trial: one slimsweep trial, or a bundle of them trained fused. Reports each
     epoch (a single trial with its restart checkpoint) and each trial's final record as soon
     as it has one: its result, or its failure record if it raised. With runtime.save_model
     best, each trial's kept weights go to the store at `results` (this worker writes them: a
-    model is too large for a Tune report) before its record is sent."""
+    model is too large for a Tune report) before its record is sent. A bundle retried after
+    its process was lost trains only the trials the store has no row of since `launched_at`."""
     from ray import tune
 
     specs = [TrialSpec.from_json(text) for text in config["specs"]]
+    if len(specs) > 1 and results and launched_at:
+        recorded = Store(results).written_since([s.trial_id for s in specs], launched_at)
+        specs = [s for s in specs if s.trial_id not in recorded]
+        if not specs:
+            return
     extra: dict[str, Any] = {}
     if specs[0].runtime.save_model != "none" and results:
         extra["on_weights"] = Store(results).put_model
@@ -791,6 +798,8 @@ def _run_tune(
     trial_fn: TrialFn | None,
     bundle_fn: BundleFn | None,
 ) -> Tally:
+    # Rows this launch writes are stamped later (in ms): a retried bundle skips those trials.
+    launched_at = datetime.now(UTC).replace(microsecond=0)
     ray, started = _connect(address, echo)
     try:
         cluster = _probe_cluster(ray)
@@ -814,7 +823,13 @@ def _run_tune(
         storage = f"{store.root}/{TUNE_DIR}"
         # Workers reach the store by an absolute path or URI (their working folder differs).
         where = store.uri if store.scheme and store.scheme != "file" else store.root
-        run = tune.with_parameters(run_one, trial_fn=trial_fn, bundle_fn=bundle_fn, results=where)
+        run = tune.with_parameters(
+            run_one,
+            trial_fn=trial_fn,
+            bundle_fn=bundle_fn,
+            results=where,
+            launched_at=launched_at,
+        )
         trainable = tune.with_resources(run, resources)
         tuner = tune.Tuner(
             trainable,

@@ -621,6 +621,20 @@ class Store:
                 return f"holds a trial with status {status!r}"
         return None
 
+    def written_since(self, trial_ids: Iterable[str], since: datetime) -> set[str]:
+        """Those of `trial_ids` whose result row was written at or after `since` (a launch's
+        start: the trials it has recorded). Reads only their files."""
+        out = set()
+        for trial_id in trial_ids:
+            path = {trial_id: self.path(TRIALS, trial_id)}
+            try:
+                table = self._read_at_once(path, _SCHEMA_FOR_READ[TRIALS])[trial_id]
+            except (OSError, pa.ArrowException):  # not there, or damaged: not recorded
+                continue
+            if any(t is not None and t >= since for t in table.column("written_at").to_pylist()):
+                out.add(trial_id)
+        return out
+
     def done_ids(self) -> set[str]:
         """Trials whose trial row and epochs file both read: the ones a launch skips."""
         return self.scan().done

@@ -353,3 +353,55 @@ def test_killing_the_driver_mid_bundle_loses_and_duplicates_nothing(tmp_path: Pa
     assert sorted(trials.bundle_size) == sorted(
         [4] * len(done) + [len(ids - done)] * len(ids - done)
     )
+
+
+def dies_after_its_first_trial(
+    specs: list[TrialSpec], *, on_epoch, on_done, marks: Path, results: str
+) -> None:
+    """A bundle stand-in writing which trials each attempt was given. The first attempt
+    finishes its first trial, waits until the driver has stored that row, and its process
+    dies; later attempts finish every trial they are given."""
+    attempt = len(list(marks.iterdir()))
+    (marks / f"attempt-{attempt}").write_text(" ".join(s.trial_id for s in specs))
+    bundle = {"bundle_id": bundle_id(specs), "bundle_size": len(specs)}
+    for i, spec in enumerate(specs):
+        row = EpochRow(spec.trial_id, 1, 0.5, 0.5, 0.1)
+        result = TrialResult(
+            trial_id=spec.trial_id,
+            status="ok",
+            spec_json=spec.to_json(),
+            epochs_run=1,
+            test_acc=0.5,
+            **bundle,
+        )
+        on_done(i, (result, [row]))
+        if attempt == 0:
+            deadline = time.monotonic() + 60
+            while spec.trial_id not in Store(results).done_ids() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            os._exit(9)
+
+
+def test_a_retried_bundle_trains_only_the_trials_it_had_not_finished(ray_local, tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        GRID.replace("custom: {fake_gpu: 1}", "custom: {}").replace(
+            "seeds: [0, 1, 2]", "seeds: [0, 1, 2, 3]\nruntime: {fuse: 4}"
+        )
+    )
+    grid = load_grid(path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    results = str(tmp_path / "results" / grid.name)
+    bundle = functools.partial(dies_after_its_first_trial, marks=marks, results=results)
+
+    summary = launch(grid, results, echo=lambda _: None, bundle_fn=bundle)
+
+    ids = [s.trial_id for s in expand(grid)]
+    first, *rest = (marks / "attempt-0").read_text().split()
+    assert sorted([first, *rest]) == sorted(ids)
+    assert (marks / "attempt-1").read_text().split() == rest  # the finished one is not retrained
+    assert (summary.ok, summary.failed, summary.retries) == (4, 0, 3)  # 3 trials retried once
+    trials = Store(results).read_trials().set_index("trial_id")
+    assert trials.loc[first, "bundle_size"] == 4 and set(trials.loc[rest, "bundle_size"]) == {3}
+    assert len(Store(results).read_epochs()) == 4

@@ -198,3 +198,17 @@ def test_files_from_an_older_schema_read_with_nulls_for_new_columns(tmp_path: Pa
     row = store.read_trials().iloc[0]
     assert row.trial_id == spec.trial_id and pd.isna(row.lm_loss)
     assert store.done_ids() == {spec.trial_id}
+
+
+def test_written_since_names_the_trials_stored_from_that_moment_on(tmp_path: Path, monkeypatch):
+    import datetime as dt
+
+    store = Store(str(tmp_path))
+    old, new, damaged, missing = (make_spec(seed=s) for s in range(4))
+    start = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+    for spec, minutes in ((old, -5), (new, 5), (damaged, 5)):
+        monkeypatch.setattr(store_mod, "_now", lambda m=minutes: start + dt.timedelta(minutes=m))
+        store.write_result(*make_result(spec))
+    Path(store.path("trials", damaged.trial_id)).write_bytes(b"truncated")
+    ids = [s.trial_id for s in (old, new, damaged, missing)]
+    assert store.written_since(ids, start) == {new.trial_id}
