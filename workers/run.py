@@ -177,8 +177,8 @@ def run_bundle(
     if len(keys) != 1 or None in keys:
         raise SpecError(
             f"trials {', '.join(s.trial_id for s in specs)} cannot train fused: they must "
-            f"differ only in seed, fine-tune fully, and leave runtime.compile off and "
-            f"runtime.last_position_logits on"
+            f"differ only in seed, fine-tune fully, select layers by a rule other than random, "
+            f"and leave runtime.compile off and runtime.last_position_logits on"
         )
     device = _device(specs[0])
     try:

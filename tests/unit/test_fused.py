@@ -19,6 +19,7 @@ from slimsweep.workers.spec import (
     ModelSpec,
     RuntimeSpec,
     SelectionSpec,
+    SpecError,
     TaskSpec,
     TrainSpec,
     TrialSpec,
@@ -339,3 +340,15 @@ def test_seeds_with_samples_of_different_sizes_train_in_stacks_of_equal_size(
     assert fused[0][0].bundle_id == bundle_id([specs[0], specs[2]]) and not fused[1][0].bundle_id
     for got, want in zip(fused, alone, strict=True):
         assert_same_numbers(numbers(*got), want)
+
+
+def test_seeds_that_keep_different_layers_are_refused_a_bundle(dropout_models, local_tasks):
+    specs = [
+        dataclasses.replace(
+            bundle_spec(dropout_models["gpt2"], local_tasks["sst2"], "prompt-lm", s),
+            selection=SelectionSpec(method="random"),
+        )
+        for s in SEEDS[:2]
+    ]
+    with pytest.raises(SpecError, match=r"cannot train fused: .* a rule other than random"):
+        run_bundle(specs)
