@@ -217,8 +217,12 @@ def describe_fusion(fuse: str, specs: list[TrialSpec]) -> str:
     limit = fuse_limit(fuse, on_gpu=True)
     fused = [g for g in bundles(specs, limit or len(specs)) if len(g) > 1]
     if not fused:
-        why = "runtime.fuse: off" if limit == 1 else "no seeds of a cell that train fully"
-        return f"none, every trial trains alone ({why})"
+        why = (
+            "runtime.fuse: off"
+            if limit == 1
+            else "no two full-finetune, non-random-selection trials differ only in seed"
+        )
+        return f"none, every trial trains alone: {why}"
     n = sum(map(len, fused))
     size = f"up to {max(map(len, fused))} seeds" + (", as many as fit" if limit is None else "")
     where = "on a GPU" if fuse == "auto" else "on any device"
