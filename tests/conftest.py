@@ -266,3 +266,32 @@ def ray_tmpdir(monkeypatch: pytest.MonkeyPatch):
     finally:
         kill_ray(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture()
+def s3_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """What a test against moto's S3 server on loopback needs: fake credentials and region, a
+    private cache, no endpoint from the environment, no log line per request. Returns
+    `empty(url)`: the server at `url` emptied (moto keeps buckets in this process across
+    servers) with one bucket, `sweeps`."""
+    import logging
+    import urllib.request
+
+    import pyarrow.fs as pafs
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+
+    def empty(url: str) -> None:
+        request = urllib.request.Request(f"{url}/moto-api/reset", method="POST")
+        urllib.request.urlopen(request).close()
+        pafs.S3FileSystem(endpoint_override=url, allow_bucket_creation=True).create_dir("sweeps")
+
+    return empty

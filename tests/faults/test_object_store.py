@@ -6,11 +6,9 @@ starts; a launch on it keeps Tune's checkpoints there too."""
 from __future__ import annotations
 
 import json
-import logging
 import socket
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -37,26 +35,15 @@ resources: {cpus: 1}
 
 
 @pytest.fixture()
-def endpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def endpoint(s3_env):
     """An S3 server on loopback with one bucket, `sweeps`."""
     from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "XDG_CACHE_HOME": str(tmp_path / "cache"),
-    }.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
-    # moto keeps buckets in this process across servers: start from none.
-    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST")).close()
-    pafs.S3FileSystem(endpoint_override=url, allow_bucket_creation=True).create_dir("sweeps")
+    s3_env(url)
     yield url
     server.stop()
 

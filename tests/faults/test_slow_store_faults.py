@@ -8,7 +8,6 @@ faults, not the model, decide what happens."""
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import random
 import signal
@@ -16,10 +15,8 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pytest
 from slimsweep.orchestrator.grid import load_grid
 from slimsweep.orchestrator.launch import launch
@@ -103,19 +100,11 @@ def test_random_kill_points_across_a_grid_lose_and_duplicate_nothing(tmp_path: P
 
 
 @pytest.fixture()
-def s3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def s3(s3_env):
     """(start, stop) of an S3 server on a fixed loopback port; its objects survive a stop
     (moto keeps them in this process)."""
     from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "XDG_CACHE_HOME": str(tmp_path / "cache"),
-    }.items():
-        monkeypatch.setenv(key, value)
     first = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     first.start()
     port = first.get_host_and_port()[1]
@@ -129,9 +118,7 @@ def s3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
         servers[-1].stop()
 
     url = f"http://127.0.0.1:{port}"
-    # moto keeps buckets in this process across servers: start from none.
-    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST")).close()
-    pafs.S3FileSystem(endpoint_override=url, allow_bucket_creation=True).create_dir("sweeps")
+    s3_env(url)
     yield url, start, stop
     stop()
 
