@@ -212,14 +212,15 @@ def run_one(
     from ray import tune
 
     specs = [TrialSpec.from_json(text) for text in config["specs"]]
-    if len(specs) > 1 and results and launched_at:
-        recorded = Store(results).written_since([s.trial_id for s in specs], launched_at)
+    store = Store(results) if results else None
+    if len(specs) > 1 and store and launched_at:
+        recorded = store.written_since([s.trial_id for s in specs], launched_at)
         specs = [s for s in specs if s.trial_id not in recorded]
         if not specs:
             return
     extra: dict[str, Any] = {}
-    if specs[0].runtime.save_model != "none" and results:
-        extra["on_weights"] = Store(results).put_model
+    if specs[0].runtime.save_model != "none" and store:
+        extra["on_weights"] = store.put_model
     checkpoints = True  # off after the first checkpoint the storage cannot take
 
     def on_epoch(row: EpochRow, checkpoint_dir: str | None) -> None:
