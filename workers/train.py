@@ -268,13 +268,17 @@ def checkpoint_due(runtime: RuntimeSpec, epoch: int, since_last_s: float) -> boo
     return every > 0 and epoch % every == 0 and since_last_s >= runtime.checkpoint_min_s
 
 
-def make_optimizer(spec: TrialSpec, model: nn.Module):
-    """AdamW over the trainable parameters only (see `finetune`); fused (one kernel over all
-    of them) on CPU and CUDA unless the runtime says no. On CPU the fused kernel is ~9x faster
-    than torch's default per-tensor loop for a SmolLM2 embedding, and equal to it within float
-    noise."""
+def make_optimizer(spec: TrialSpec, model: nn.Module) -> torch.optim.AdamW:
+    """`adamw` over the model's trainable parameters only (see `finetune`)."""
+    return adamw(spec, trainable_parameters(model))
+
+
+def adamw(spec: TrialSpec, params: Sequence[nn.Parameter]) -> torch.optim.AdamW:
+    """AdamW at the trial's lr and weight decay; fused (one kernel over all `params`) on CPU
+    and CUDA unless the runtime says no. On CPU the fused kernel is ~9x faster than torch's
+    default per-tensor loop for a SmolLM2 embedding, and equal to it within float noise."""
     return torch.optim.AdamW(
-        trainable_parameters(model),
+        params,
         lr=spec.train.lr,
         weight_decay=spec.train.weight_decay,
         fused=spec.runtime.fused_adamw,
@@ -387,12 +391,7 @@ class FusedRunner:
         self.stack.module.to(device)  # the stacked parameters move in place
         self.stack.view.to(device)
         self.generators = list(generators)
-        self.optimizer = torch.optim.AdamW(
-            self.stack.params,
-            lr=spec.train.lr,
-            weight_decay=spec.train.weight_decay,
-            fused=spec.runtime.fused_adamw,
-        )
+        self.optimizer = adamw(spec, self.stack.params)
 
     def step(self, batches: list[list[Encoded]], device: torch.device) -> torch.Tensor:
         """Each trial's batch, padded to the longest prompt of all; per-trial mean losses [N]
